@@ -1,0 +1,65 @@
+"""`raysearch build`: SOURCE -> embeddings -> index directory, resumable end to end."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from raysearch import storage
+from raysearch.embed import RUN_FILE, EmbedConfig, EmbedSummary, embed_source
+from raysearch.index.build import IndexConfig, build_index
+from raysearch.index.store import MANIFEST
+from raysearch.models.registry import resolve_model
+
+log = logging.getLogger("raysearch")
+EMBEDDINGS_SUBDIR = "embeddings"
+
+
+@dataclass(frozen=True)
+class BuildResult:
+    index_dir: str
+    embed: EmbedSummary
+    manifest: dict[str, Any]
+
+
+def prepare_output_dir(index_dir: str, overwrite: bool, keep: tuple[str, ...] = ()) -> None:
+    """Refuse to build over an existing directory unless it is our own unfinished build (resumed)
+    or --overwrite is given (then it is emptied, except for the entries named in `keep`)."""
+    if storage.exists(index_dir) and not storage.isdir(index_dir):
+        raise ValueError(f"--out {index_dir} exists and is not a folder")
+    entries = [e for e in storage.listdir(index_dir) if not e.startswith(".raysearch-write-test") and e not in keep]
+    if entries:
+        if overwrite:
+            log.info("--overwrite: removing the contents of %s", index_dir)
+            for name in entries:
+                storage.remove(storage.join(index_dir, name), recursive=True)
+        else:
+            unfinished = MANIFEST not in entries and storage.exists(
+                storage.join(index_dir, EMBEDDINGS_SUBDIR, RUN_FILE)
+            )
+            if not unfinished:
+                raise ValueError(f"--out {index_dir} is not empty; pass --overwrite to replace it")
+    storage.ensure_writable_dir(index_dir)
+
+
+def build(
+    source: str,
+    index_dir: str,
+    embed_config: EmbedConfig = EmbedConfig(),
+    index_config: IndexConfig = IndexConfig(),
+    overwrite: bool = False,
+) -> BuildResult:
+    """Embed every image of `source` and build an index in `index_dir`.
+
+    An interrupted build rerun with the same arguments resumes: parts already embedded are kept.
+    """
+    spec = resolve_model(embed_config.model)  # fail on a bad model before touching the output
+    from raysearch.sources import open_source
+
+    open_source(source)  # fail on a missing source before touching the output
+    prepare_output_dir(index_dir, overwrite)
+    embeddings_dir = storage.join(index_dir, EMBEDDINGS_SUBDIR)
+    summary = embed_source(source, embeddings_dir, embed_config, spec=spec)
+    manifest = build_index(embeddings_dir, index_dir, index_config)
+    return BuildResult(index_dir=index_dir, embed=summary, manifest=manifest)

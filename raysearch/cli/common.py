@@ -1,0 +1,119 @@
+"""Shared CLI plumbing: the Typer app, error reporting (one line, exit code 2), output formats."""
+
+from __future__ import annotations
+
+import csv
+import functools
+import json
+import logging
+import sys
+from collections.abc import Callable
+from enum import Enum
+from typing import Any, TypeVar
+
+import typer
+
+from raysearch import __version__
+
+app = typer.Typer(
+    name="raysearch",
+    help="Index and search very large image collections on a Ray cluster.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+USER_ERROR_EXIT = 2
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class OutputFormat(str, Enum):
+    table = "table"
+    csv = "csv"
+    json = "json"
+
+
+RESULT_COLUMNS = ("query", "rank", "id", "uri", "score")
+
+
+def fail(message: str, code: int = USER_ERROR_EXIT) -> typer.Exit:
+    typer.echo(f"error: {message}", err=True)
+    return typer.Exit(code)
+
+
+def user_errors(fn: F) -> F:
+    """Turn the errors a user can fix (bad paths, bad options, bad data) into a one-line message and
+    exit code 2; anything else is a bug and keeps its traceback."""
+    from raysearch.embed import EmbeddingError
+    from raysearch.images import DecodeError
+    from raysearch.index.store import IndexFormatError
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except (ValueError, FileNotFoundError, PermissionError, NotADirectoryError, IsADirectoryError,
+                EmbeddingError, IndexFormatError, DecodeError) as e:
+            raise fail(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def setup_logging(verbose: bool) -> None:
+    level = logging.INFO if verbose else logging.WARNING
+    logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr, force=True)
+    logging.getLogger("raysearch").setLevel(logging.INFO if verbose else logging.WARNING)
+
+
+def write_results(rows: list[dict[str, Any]], fmt: OutputFormat, out=None) -> None:
+    """rows: dicts with RESULT_COLUMNS. table: aligned text; csv: exactly RESULT_COLUMNS; json: one
+    object per query with its ranked results."""
+    out = out or sys.stdout
+    if fmt == OutputFormat.csv:
+        writer = csv.writer(out, lineterminator="\n")
+        writer.writerow(RESULT_COLUMNS)
+        for r in rows:
+            writer.writerow([r["query"], r["rank"], r["id"], r["uri"], _score_text(r["score"])])
+        return
+    if fmt == OutputFormat.json:
+        by_query: dict[str, list[dict[str, Any]]] = {}
+        problems: dict[str, str] = {}
+        for r in rows:
+            by_query.setdefault(r["query"], [])
+            if r.get("error"):
+                problems[r["query"]] = r["error"]
+            elif r["id"] is not None:
+                by_query[r["query"]].append({k: r[k] for k in ("rank", "id", "uri", "score")})
+        doc = [
+            {"query": q, "results": res, **({"error": problems[q]} if q in problems else {})}
+            for q, res in by_query.items()
+        ]
+        json.dump(doc, out, indent=2)
+        out.write("\n")
+        return
+    current = None
+    for r in rows:
+        if r["query"] != current:
+            current = r["query"]
+            out.write(f"{current}\n")
+        if r.get("error"):
+            out.write(f"  error: {r['error']}\n")
+        elif r["id"] is not None:
+            out.write(f"  {r['rank']:>4}  {_score_text(r['score']):>8}  {r['id']}  ({r['uri']})\n")
+
+
+def _score_text(score: float | None) -> str:
+    return "" if score is None else f"{score:.6f}"
+
+
+def version_callback(value: bool) -> None:
+    if value:
+        typer.echo(f"raysearch {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=version_callback, is_eager=True, help="Print the version."),
+) -> None:
+    """Index and search very large image collections on a Ray cluster."""

@@ -1,0 +1,59 @@
+"""`raysearch search` and `raysearch models`."""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+from raysearch.cli.common import OutputFormat, app, fail, setup_logging, user_errors, write_results
+
+
+def result_rows(queries: list[str], result, image_ids, uris, problems: list[str | None]) -> list[dict]:
+    """One row per (query, rank); a query that could not be read gets one row with its error."""
+    rows = []
+    for q, query in enumerate(queries):
+        if problems[q] is not None:
+            rows.append({"query": query, "rank": None, "id": None, "uri": None, "score": None, "error": problems[q]})
+            continue
+        for r in range(result.ids.shape[1]):
+            if result.ids[q, r] < 0:
+                break
+            rows.append({
+                "query": query, "rank": r + 1, "id": image_ids[q, r], "uri": uris[q, r],
+                "score": float(result.scores[q, r]),
+            })
+    return rows
+
+
+@app.command()
+@user_errors
+def search(
+    index_dir: Annotated[str, typer.Argument(help="Index directory (local or s3://).")],
+    queries: Annotated[list[str], typer.Argument(help="Query image files or URIs.")],
+    k: Annotated[int, typer.Option("-k", "--k", help="Results per query (1..1000).")] = 10,
+    nprobe: Annotated[Optional[int], typer.Option(help="Override the index's tuned nprobe / efSearch.")] = None,
+    format: Annotated[OutputFormat, typer.Option("--format", "-f", help="table, csv (query,rank,id,uri,score) or json.")] = OutputFormat.table,
+    verify: Annotated[bool, typer.Option("--verify/--no-verify", help="Check every index file against its checksum.")] = True,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Search the index with query images, embedded by the index's own model."""
+    from raysearch.search import Searcher, check_k
+
+    setup_logging(verbose)
+    check_k(k)
+    searcher = Searcher(index_dir, verify=verify)
+    result, problems = searcher.search_images(list(queries), k=k, nprobe=nprobe)
+    image_ids, uris = searcher.lookup(result)
+    write_results(result_rows(list(queries), result, image_ids, uris, problems), format)
+    if all(p is not None for p in problems):
+        raise fail("no query image could be read")
+
+
+@app.command()
+def models() -> None:
+    """List the registered models."""
+    from raysearch.models import available_models
+
+    for name, desc in available_models().items():
+        typer.echo(f"{name:28s} {desc}")

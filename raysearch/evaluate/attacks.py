@@ -1,0 +1,183 @@
+"""Seeded, DISC21-style image edits: what copies of a published image look like in the wild.
+
+Every edit is a function (PIL image, numpy Generator) -> PIL image; the same seed gives the same
+edit. `apply_edit(name, image, seed)` is the entry point; `EDITS` lists them, `STRONG_EDITS` the ones
+that change the picture most, and "combo" chains two or three random edits.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageEnhance, ImageFilter, ImageFont, ImageOps
+
+EditFn = Callable[[Image.Image, np.random.Generator], Image.Image]
+
+_WORDS = ("lol", "wow", "best day", "mood", "so true", "classic", "look at this", "no way", "repost", "2021")
+
+
+def _rgb(img: Image.Image) -> Image.Image:
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
+def _color(rng: np.random.Generator) -> tuple[int, int, int]:
+    r, g, b = rng.integers(0, 256, size=3)
+    return int(r), int(g), int(b)
+
+
+def _font(size: int) -> ImageFont.ImageFont:
+    try:
+        return ImageFont.load_default(size=max(8, size))
+    except (TypeError, OSError):  # Pillow without FreeType: the fixed bitmap font
+        return ImageFont.load_default()
+
+
+def crop(img: Image.Image, rng: np.random.Generator) -> Image.Image:
+    """Keep a random window of 40-90% of each side."""
+    w, h = img.size
+    fw, fh = rng.uniform(0.4, 0.9, size=2)
+    cw, ch = max(8, int(w * fw)), max(8, int(h * fh))
+    x, y = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+    return img.crop((x, y, x + cw, y + ch))
+
+
+def center_crop(img: Image.Image, rng: np.random.Generator) -> Image.Image:
+    w, h = img.size
+    f = rng.uniform(0.5, 0.85)
+    cw, ch = int(w * f), int(h * f)
+    return img.crop(((w - cw) // 2, (h - ch) // 2, (w - cw) // 2 + cw, (h - ch) // 2 + ch))
+
+
+def rotate(img: Image.Image, rng: np.random.Generator) -> Image.Image:
+    angle = float(rng.uniform(5, 30) * rng.choice([-1, 1]))
+    return img.rotate(angle, resample=Image.BILINEAR, expand=True, fillcolor=(0, 0, 0))
+
+
+def rotate90(img: Image.Image, rng: np.random.Generator) -> Image.Image:
+    return img.transpose(Image.ROTATE_90 if rng.random() < 0.5 else Image.ROTATE_270)
+
+
+def hflip(img: Image.Image, rng: np.random.Generator) -> Image.Image:
+    return ImageOps.mirror(img)
+
+
+def color_jitter(img: Image.Image, rng: np.random.Generator) -> Image.Image:
+    img = ImageEnhance.Brightness(img).enhance(rng.uniform(0.6, 1.4))
+    img = ImageEnhance.Contrast(img).enhance(rng.uniform(0.6, 1.4))
+    return ImageEnhance.Color(img).enhance(rng.uniform(0.3, 1.7))
+
+
+def grayscale(img: Image.Image, rng: np.random.Generator) -> Image.Image:
+    return ImageOps.grayscale(img).convert("RGB")
+
+
+def blur(img: Image.Image, rng: np.random.Generator) -> Image.Image:
+    return img.filter(ImageFilter.GaussianBlur(radius=float(rng.uniform(1.0, 3.0))))
+
+
+def jpeg(img: Image.Image, rng: np.random.Generator) -> Image.Image:
+    buf = io.BytesIO()
+    _rgb(img).save(buf, format="JPEG", quality=int(rng.integers(10, 40)))
+    return Image.open(io.BytesIO(buf.getvalue())).convert("RGB")
+
+
+def text_overlay(img: Image.Image, rng: np.random.Generator) -> Image.Image:
+    img = img.copy()
+    w, h = img.size
+    draw = ImageDraw.Draw(img)
+    font = _font(int(h * rng.uniform(0.06, 0.14)))
+    for _ in range(int(rng.integers(1, 4))):
+        text = str(rng.choice(_WORDS))
+        draw.text((int(rng.integers(0, max(1, w - 20))), int(rng.integers(0, max(1, h - 20)))), text, fill=_color(rng), font=font)
+    return img
+
+
+def shape_overlay(img: Image.Image, rng: np.random.Generator) -> Image.Image:
+    img = img.copy()
+    w, h = img.size
+    draw = ImageDraw.Draw(img)
+    for _ in range(int(rng.integers(1, 4))):
+        sw, sh = int(w * rng.uniform(0.05, 0.25)), int(h * rng.uniform(0.05, 0.25))
+        x, y = int(rng.integers(0, max(1, w - sw))), int(rng.integers(0, max(1, h - sh)))
+        box = (x, y, x + sw, y + sh)
+        (draw.ellipse if rng.random() < 0.5 else draw.rectangle)(box, fill=_color(rng))
+    return img
+
+
+def pad(img: Image.Image, rng: np.random.Generator) -> Image.Image:
+    w, h = img.size
+    px, py = int(w * rng.uniform(0.05, 0.3)), int(h * rng.uniform(0.05, 0.3))
+    out = Image.new("RGB", (w + 2 * px, h + 2 * py), _color(rng))
+    out.paste(_rgb(img), (px, py))
+    return out
+
+
+def resize(img: Image.Image, rng: np.random.Generator) -> Image.Image:
+    w, h = img.size
+    f = rng.uniform(0.3, 0.7)
+    return img.resize((max(16, int(w * f)), max(16, int(h * f))), Image.BILINEAR)
+
+
+def meme(img: Image.Image, rng: np.random.Generator) -> Image.Image:
+    """White bands above and below with a caption, the classic meme layout."""
+    w, h = img.size
+    band = int(h * rng.uniform(0.15, 0.3))
+    out = Image.new("RGB", (w, h + 2 * band), (255, 255, 255))
+    out.paste(_rgb(img), (0, band))
+    draw = ImageDraw.Draw(out)
+    font = _font(int(band * 0.6))
+    draw.text((int(w * 0.05), int(band * 0.2)), str(rng.choice(_WORDS)).upper(), fill=(0, 0, 0), font=font)
+    draw.text((int(w * 0.05), h + band + int(band * 0.2)), str(rng.choice(_WORDS)).upper(), fill=(0, 0, 0), font=font)
+    return out
+
+
+def overlay_onto_background(img: Image.Image, rng: np.random.Generator) -> Image.Image:
+    """Paste the picture, shrunk, onto a random flat background (a screenshot or collage)."""
+    w, h = img.size
+    f = rng.uniform(0.5, 0.8)
+    small = _rgb(img).resize((max(8, int(w * f)), max(8, int(h * f))), Image.BILINEAR)
+    out = Image.new("RGB", (w, h), _color(rng))
+    out.paste(small, (int(rng.integers(0, w - small.width + 1)), int(rng.integers(0, h - small.height + 1))))
+    return out
+
+
+EDITS: dict[str, EditFn] = {
+    "crop": crop,
+    "center_crop": center_crop,
+    "rotate": rotate,
+    "rotate90": rotate90,
+    "hflip": hflip,
+    "color_jitter": color_jitter,
+    "grayscale": grayscale,
+    "blur": blur,
+    "jpeg": jpeg,
+    "text": text_overlay,
+    "shapes": shape_overlay,
+    "pad": pad,
+    "resize": resize,
+    "meme": meme,
+    "overlay": overlay_onto_background,
+}
+STRONG_EDITS = ("crop", "rotate", "overlay", "meme", "combo")
+
+
+def combo(img: Image.Image, rng: np.random.Generator) -> Image.Image:
+    """Two or three different edits in a row (never two geometric ones that shrink the picture)."""
+    names = [n for n in EDITS if n not in ("rotate90", "hflip")]
+    for name in rng.choice(names, size=int(rng.integers(2, 4)), replace=False):
+        img = EDITS[str(name)](img, rng)
+    return img
+
+
+EDITS["combo"] = combo
+
+
+def apply_edit(name: str, img: Image.Image, seed: int) -> Image.Image:
+    """Apply edit `name` with a generator seeded by `seed`; returns an RGB image."""
+    if name == "none":
+        return _rgb(img)
+    if name not in EDITS:
+        raise ValueError(f"unknown edit {name!r}; choose from {sorted(EDITS)}")
+    return _rgb(EDITS[name](_rgb(img), np.random.default_rng(seed)))

@@ -1,0 +1,241 @@
+"""The index directory on disk (local or any fsspec URI) and loading it back.
+
+    INDEX_DIR/
+      manifest.json              written last, atomically: an index without it is incomplete
+      trained.index              the trained, empty index (quantiser); `add` and `activate` use it
+      shards/shard-00000.index   FAISS index holding a subset of the vectors, ids = listing rows
+      shards/shard-00000.ids.parquet   id -> image_id, uri for that shard, sorted by id
+      errors.parquet             images that could not be used: row, image_id, uri, reason
+      embeddings/                the embedding run (listing, Parquet parts); see raysearch.embed
+
+Every file the index needs is listed in the manifest with its size and SHA-256, and loading checks
+them, so a truncated, swapped or foreign file is refused by name instead of answering wrongly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from dataclasses import dataclass
+from typing import Any
+
+import faiss
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from raysearch import __version__, storage
+from raysearch.models.registry import ModelSpec
+
+MANIFEST = "manifest.json"
+FORMAT = "raysearch-index/1"
+TRAINED_INDEX = "trained.index"
+SHARDS_DIR = "shards"
+ERRORS_FILE = "errors.parquet"
+IDMAP_SCHEMA = pa.schema([("id", pa.int64()), ("image_id", pa.string()), ("uri", pa.string())])
+
+
+class IndexFormatError(ValueError):
+    """The index directory is incomplete, corrupt or not a raysearch index."""
+
+
+def shard_name(i: int) -> str:
+    return f"{SHARDS_DIR}/shard-{i:05d}.index"
+
+
+def shard_ids_name(i: int) -> str:
+    return f"{SHARDS_DIR}/shard-{i:05d}.ids.parquet"
+
+
+def describe_files(index_dir: str, names: list[str]) -> dict[str, dict[str, Any]]:
+    """{relative name: {size, sha256}} for the manifest."""
+    out = {}
+    for name in names:
+        n, digest = storage.file_digest(storage.join(index_dir, name))
+        out[name] = {"size": n, "sha256": digest}
+    return out
+
+
+def write_manifest(index_dir: str, manifest: dict[str, Any]) -> None:
+    """Write the manifest last and atomically: until then the directory is not an index."""
+    manifest = {"format": FORMAT, "raysearch_version": __version__, **manifest}
+    storage.atomic_write_json(storage.join(index_dir, MANIFEST), manifest)
+
+
+def read_manifest(index_dir: str) -> dict[str, Any]:
+    uri = storage.join(index_dir, MANIFEST)
+    if not storage.exists(index_dir):
+        raise FileNotFoundError(f"index directory not found: {index_dir}")
+    if not storage.exists(uri):
+        raise IndexFormatError(
+            f"{index_dir} is not a complete raysearch index: {MANIFEST} is missing "
+            "(the build may have been interrupted; rerun it)"
+        )
+    try:
+        manifest = storage.read_json(uri)
+    except ValueError as e:
+        raise IndexFormatError(f"{uri} is not valid JSON: {e}") from e
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise IndexFormatError(f"{uri} is not a raysearch index manifest (format {manifest.get('format')!r})")
+    return manifest
+
+
+def verify_file(index_dir: str, name: str, expected: dict[str, Any], checksum: bool = True) -> None:
+    """Raise IndexFormatError naming the file if its size or checksum differ from the manifest."""
+    uri = storage.join(index_dir, name)
+    if not storage.exists(uri):
+        raise IndexFormatError(f"index file missing: {uri}")
+    actual_size = storage.size(uri)
+    if actual_size != expected["size"]:
+        raise IndexFormatError(
+            f"index file {uri} has {actual_size} bytes, the manifest says {expected['size']} "
+            "(truncated or replaced)"
+        )
+    if checksum:
+        _, digest = storage.file_digest(uri)
+        if digest != expected["sha256"]:
+            raise IndexFormatError(f"index file {uri} does not match its checksum in the manifest (corrupt or replaced)")
+
+
+def _cache_dir(index_dir: str) -> str:
+    base = os.environ.get("RAYSEARCH_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "raysearch"))
+    key = hashlib.sha256(index_dir.encode()).hexdigest()[:16]
+    return os.path.join(base, key)
+
+
+def local_file(index_dir: str, name: str, expected: dict[str, Any] | None = None) -> str:
+    """A local path for an index file: the file itself on local disk; for remote indexes a copy
+    in the cache (reused while its size and checksum still match)."""
+    uri = storage.join(index_dir, name)
+    if storage.is_local(uri):
+        return storage.get_fs(uri)[1]
+    target = os.path.join(_cache_dir(index_dir), name)
+    if expected and os.path.exists(target) and os.path.getsize(target) == expected["size"]:
+        _, digest = storage.file_digest(target)
+        if digest == expected["sha256"]:
+            return target
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    fs, path = storage.get_fs(uri)
+    with tempfile.NamedTemporaryFile(dir=os.path.dirname(target), delete=False) as tmp:
+        fs.get_file(path, tmp.name)
+    os.replace(tmp.name, target)
+    return target
+
+
+def read_index_file(path: str, mmap: bool) -> faiss.Index:
+    """Read a FAISS index. With mmap, inverted lists and codes stay on disk and pages load on
+    demand, so a shard larger than RAM still serves (FAISS supports this for IVF and Flat codes)."""
+    flags = (faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY) if mmap else 0
+    try:
+        return faiss.read_index(path, flags)
+    except RuntimeError as e:
+        if mmap:
+            # Some index types (e.g. HNSW graphs) cannot be memory-mapped; read them whole.
+            try:
+                return faiss.read_index(path)
+            except RuntimeError:
+                pass
+        raise IndexFormatError(f"{path} is not a readable FAISS index: {str(e).splitlines()[0]}") from e
+
+
+@dataclass
+class ShardInfo:
+    name: str
+    ids_name: str
+    ntotal: int
+
+
+class IndexStore:
+    """An opened index directory: manifest, model spec and shard descriptions.
+
+    Heavy objects (FAISS shards, id maps) are loaded on request, so one process can own one shard.
+    """
+
+    def __init__(self, index_dir: str, verify: bool = True):
+        self.index_dir = index_dir.rstrip("/") if "://" in index_dir else os.path.abspath(index_dir)
+        self.manifest = read_manifest(self.index_dir)
+        self.verify = verify
+        self.model_spec = ModelSpec.from_dict(self.manifest["model"])
+        self.shards = [ShardInfo(s["name"], s["ids_name"], int(s["ntotal"])) for s in self.manifest["shards"]]
+        files = self.manifest.get("files", {})
+        for shard in self.shards:
+            for name in (shard.name, shard.ids_name):
+                if name not in files:
+                    raise IndexFormatError(f"manifest of {self.index_dir} lists no checksum for {name}")
+        self._files = files
+
+    @property
+    def dim(self) -> int:
+        return int(self.manifest["dim"])
+
+    @property
+    def metric(self) -> str:
+        return str(self.manifest["metric"])
+
+    @property
+    def ntotal(self) -> int:
+        return sum(s.ntotal for s in self.shards)
+
+    @property
+    def nprobe(self) -> int | None:
+        value = self.manifest.get("search", {}).get("nprobe")
+        return int(value) if value is not None else None
+
+    def _checked_local(self, name: str) -> str:
+        expected = self._files[name]
+        if self.verify:
+            verify_file(self.index_dir, name, expected, checksum=True)
+        return local_file(self.index_dir, name, expected)
+
+    def load_shard(self, i: int, mmap: bool = True) -> faiss.Index:
+        shard = self.shards[i]
+        index = read_index_file(self._checked_local(shard.name), mmap=mmap)
+        if index.d != self.dim:
+            raise IndexFormatError(f"shard {shard.name} has dimension {index.d}, the manifest says {self.dim}")
+        if index.ntotal != shard.ntotal:
+            raise IndexFormatError(
+                f"shard {shard.name} holds {index.ntotal} vectors, the manifest says {shard.ntotal}"
+            )
+        return index
+
+    def load_ids(self, i: int) -> "IdMap":
+        shard = self.shards[i]
+        path = self._checked_local(shard.ids_name)
+        tbl = pq.read_table(path)
+        if tbl.num_rows != shard.ntotal:
+            raise IndexFormatError(f"{shard.ids_name} maps {tbl.num_rows} ids, shard holds {shard.ntotal}")
+        return IdMap(tbl)
+
+    def load_trained(self) -> faiss.Index:
+        name = self.manifest.get("trained_index", TRAINED_INDEX)
+        return read_index_file(self._checked_local(name), mmap=False)
+
+    def errors(self) -> pa.Table:
+        uri = storage.join(self.index_dir, ERRORS_FILE)
+        if not storage.exists(uri):
+            return pa.table({"row": pa.array([], pa.int64())})
+        fs, path = storage.get_fs(uri)
+        with fs.open(path, "rb") as f:
+            return pq.read_table(f)
+
+
+class IdMap:
+    """Vector id -> (image_id, uri) for one shard; ids are sorted, lookups by binary search."""
+
+    def __init__(self, tbl: pa.Table):
+        self.ids = tbl.column("id").to_numpy()
+        if self.ids.size > 1 and not np.all(self.ids[1:] > self.ids[:-1]):
+            order = np.argsort(self.ids, kind="stable")
+            tbl = tbl.take(pa.array(order))
+            self.ids = tbl.column("id").to_numpy()
+        self.image_ids = tbl.column("image_id")
+        self.uris = tbl.column("uri")
+
+    def positions(self, ids: np.ndarray) -> np.ndarray:
+        """Positions of `ids` in the map; -1 for ids it does not hold."""
+        ids = np.asarray(ids, dtype=np.int64)
+        pos = np.searchsorted(self.ids, ids)
+        pos = np.clip(pos, 0, max(0, self.ids.size - 1))
+        found = (self.ids.size > 0) & (self.ids[pos] == ids) if self.ids.size else np.zeros(ids.shape, bool)
+        return np.where(found, pos, -1)

@@ -1,0 +1,78 @@
+"""Connecting to Ray: an existing cluster when one is named (RAY_ADDRESS or --address), otherwise a
+local one-machine cluster started on demand."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+log = logging.getLogger("raysearch")
+
+
+def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
+    """Initialise Ray once per process. `address`: 'auto', 'ray://...' or host:port; None means
+    RAY_ADDRESS if set, else start a local cluster."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    verbose = logging.getLogger("raysearch").isEnabledFor(logging.INFO)
+    kwargs: dict = {
+        "include_dashboard": False,
+        "configure_logging": True,
+        "logging_level": logging.INFO if verbose else logging.ERROR,
+    }
+
+    if address is None and num_cpus is not None:
+        kwargs["num_cpus"] = num_cpus
+    # Ship the package's environment variables for S3 endpoints and credentials to every worker.
+    env = {k: v for k, v in os.environ.items() if k.startswith(("AWS_", "FSSPEC_", "RAYSEARCH_"))}
+    if env:
+        kwargs["runtime_env"] = {"env_vars": env}
+    ray.init(address=address, **kwargs)
+
+
+def cluster_gpus() -> float:
+    import ray
+
+    return float(ray.cluster_resources().get("GPU", 0.0))
+
+
+def cluster_cpus() -> float:
+    import ray
+
+    return float(ray.cluster_resources().get("CPU", 1.0))
+
+
+def configure_data_context(progress: bool = True) -> None:
+    """Ray Data settings raysearch relies on: progress bars, and no verbose per-op stats dumps."""
+    import ray.data
+
+    if not logging.getLogger("raysearch").isEnabledFor(logging.INFO):
+        # Ray Data logs every execution at INFO; keep the terminal for progress bars and results.
+        logging.getLogger("ray.data").setLevel(logging.ERROR)
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = progress
+    ctx.print_on_execution_start = False
+    ctx.verbose_stats_logs = False
+
+
+class Timer:
+    """Collects named stage timings: `with timer("train"): ...`; `timer.seconds` maps name -> s."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            elapsed = time.perf_counter() - start
+            self.seconds[name] = self.seconds.get(name, 0.0) + elapsed
+            log.info("%s took %.2f s", name, elapsed)
