@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import logging
 import os
 import time
@@ -407,7 +408,11 @@ def _run_record(source_spec: str, spec: ModelSpec) -> dict:
 
 
 def _same_run(a: dict, b: dict) -> bool:
-    return a.get("source") == b.get("source") and a.get("model") == b.get("model")
+    # Compare as stored JSON (tuples in a fresh record are lists in a stored one).
+    def norm(d: dict) -> str:
+        return json.dumps({"source": d.get("source"), "model": d.get("model")}, sort_keys=True)
+
+    return norm(a) == norm(b)
 
 
 def prepare_embeddings_dir(
@@ -542,7 +547,8 @@ def embed_source(
             write_parts,
             batch_size=config.part_rows,
             fn_kwargs={"embeddings_dir": embeddings_dir},
-            num_cpus=0.25,
+            # Writing is light I/O: reserving no CPU lets parts land while decoding still holds every core.
+            num_cpus=0,
         )
         for _ in ds.iter_batches(batch_size=None):
             pass

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -180,7 +181,11 @@ def resolve_model(config: ModelConfig) -> ModelSpec:
 
 def load_torchscript(path: str) -> torch.jit.ScriptModule:
     try:
-        return torch.jit.load(path, map_location="cpu").eval()
+        with warnings.catch_warnings():
+            # TorchScript is deprecated in favour of torch.export, but published copy-detection
+            # models (SSCD) ship as TorchScript files: loading them stays supported.
+            warnings.simplefilter("ignore", FutureWarning)
+            return torch.jit.load(path, map_location="cpu").eval()
     except Exception as e:  # torch raises RuntimeError/ValueError variants for bad files
         raise ValueError(f"cannot load TorchScript model {path}: {e}") from e
 
