@@ -66,7 +66,7 @@ class EmbedConfig:
     gpus_per_actor: float | None = None
     torch_threads: int | None = None
     chunk_rows: int | None = None   # images per decode task (default: from the image count)
-    part_rows: int = 4096           # embeddings per Parquet part
+    part_rows: int = 1024           # embeddings per Parquet part (also the resume granularity)
     max_error_rate: float = 0.05
     progress: bool = True
 
