@@ -148,12 +148,23 @@ def embed_images(
     """Embed every image of `source` with `spec`: in this process up to `in_process_limit`
     images, else with the Ray Data pipeline into `work_dir` (see the module docstring).
     `source` may also be an embeddings folder (or an index directory) made with the same model."""
+    with _work_folder(work_dir) as work:
+        found = embeddings_or_images(source, spec, in_process_limit, work, embedder, progress)
+        return found if isinstance(found, QuerySet) else read_embeddings_folder(found)
+
+
+def embeddings_or_images(
+    source: str, spec: ModelSpec, in_process_limit: int, work_dir: str, embedder=None, progress: bool = False,
+) -> QuerySet | str:
+    """The vectors of `source` made with `spec`, as a QuerySet (embedded in this process) or as an
+    embeddings folder (`source` itself, an index's, or made with Ray under `work_dir`), for callers
+    that stream large sets part by part instead of holding them."""
     from raysearch.models.whitening import check_embeddings_model, resolve_embeddings_folder
 
     folder = resolve_embeddings_folder(source)
     if folder is not None:
         check_embeddings_model(folder, spec.to_dict(), source)
-        return read_embeddings_folder(folder)
+        return folder
     ids, uris = list_source(source)
     if not ids:
         raise ValueError(f"source {source!r} holds no images")
@@ -166,12 +177,23 @@ def embed_images(
     from raysearch.embed import EmbedConfig, embed_source
 
     key = hashlib.sha256(json.dumps({"source": source, "model": spec.to_dict()}, sort_keys=True).encode()).hexdigest()[:12]
-    with _work_folder(work_dir) as work:
-        folder = storage.join(work, f"embeddings-{key}")
-        log.info("embedding %d images of %s with Ray into %s", len(ids), source, folder)
-        # Unreadable query images are reported, not fatal: every rate of them is accepted here.
-        embed_source(source, folder, EmbedConfig(progress=progress, max_error_rate=1.0), spec=spec)
-        return read_embeddings_folder(folder)
+    folder = storage.join(work_dir, f"embeddings-{key}")
+    log.info("embedding %d images of %s with Ray into %s", len(ids), source, folder)
+    # Unreadable images are reported, not fatal: every rate of them is accepted here.
+    embed_source(source, folder, EmbedConfig(progress=progress, max_error_rate=1.0), spec=spec)
+    return folder
+
+
+def iter_vector_blocks(vectors: QuerySet | str, block_rows: int = 65_536) -> Iterator[np.ndarray]:
+    """Blocks of (n, d) float32 vectors of a QuerySet or of an embeddings folder (one part at a time)."""
+    if isinstance(vectors, QuerySet):
+        for start in range(0, len(vectors), block_rows):
+            yield vectors.vectors[start:start + block_rows]
+        return
+    from raysearch.embed import embeddings_matrix, list_parts, read_part
+
+    for uri in list_parts(vectors, "parts"):
+        yield embeddings_matrix(read_part(uri, ["embedding"]))
 
 
 def embed_cropped_images(uris: list[str], boxes: list[tuple[float, float, float, float] | None], spec: ModelSpec,
@@ -250,19 +272,24 @@ def search_depth(requested: int | None, ntotal: int, needed: int) -> int:
     return int(max(1, min(ntotal, needed, MAX_DEPTH)))
 
 
-def background_bias(searcher: Searcher, xq: np.ndarray, background: QuerySet, k: int = 3) -> np.ndarray:
+def background_bias(searcher: Searcher, xq: np.ndarray, background: QuerySet | str, k: int = 3) -> np.ndarray:
     """SSCD score normalisation term: for each raw query vector, the mean of its top-k similarities
-    to the background set, both mapped into the index's space. Returns (nq,) float32."""
+    to the background set (a QuerySet or an embeddings folder, streamed), both mapped into the
+    index's space. An exact scan: nq * n_background * d multiply-adds. Returns (nq,) float32."""
     import faiss
 
-    if len(background) < k:
-        raise ValueError(f"the background set needs at least {k} images, it has {len(background)}")
     xs = searcher.to_index_space(xq)
     heap = faiss.ResultHeap(xs.shape[0], k, keep_max=True)
-    for start in range(0, len(background), 65_536):
-        xb = searcher.to_index_space(background.vectors[start:start + 65_536])
-        D, I = faiss.knn(xs, xb, k, faiss.METRIC_INNER_PRODUCT)
-        heap.add_result(D, I + start)
+    seen = 0
+    for block in iter_vector_blocks(background):
+        if len(block) == 0:
+            continue
+        xb = searcher.to_index_space(block)
+        D, I = faiss.knn(xs, xb, min(k, len(xb)), faiss.METRIC_INNER_PRODUCT)
+        heap.add_result(D, I + seen)
+        seen += len(xb)
+    if seen < k:
+        raise ValueError(f"the background set needs at least {k} images, it has {seen}")
     heap.finalize()
     return heap.D.mean(axis=1).astype(np.float32)
 
@@ -339,14 +366,20 @@ def evaluate_copy_detection(
     queries: QuerySet | str,
     ground_truth: CopyGroundTruth | str,
     config: CopyEvalConfig = CopyEvalConfig(),
-    background: QuerySet | None = None,
+    background: QuerySet | str | None = None,
 ) -> CopyEvalReport:
     """DISC21 / ISC2021 evaluation of an index: micro-AP, recall at precision 0.9, recall@1/@10.
 
     `queries`: an image SOURCE or an already embedded QuerySet; `ground_truth`: a DISC21 CSV or a
-    CopyGroundTruth; `background` (or config.background, a SOURCE or embeddings folder) switches on
-    SSCD score normalisation: score -= beta * mean(top-k similarities to the background).
+    CopyGroundTruth; `background` (a QuerySet or embeddings folder; or config.background, a SOURCE
+    or embeddings folder) switches on SSCD score normalisation:
+    score -= beta * mean(top-k similarities to the background).
     """
+    with _work_folder(config.work_dir) as work:
+        return _evaluate_copy_detection(searcher, queries, ground_truth, config, background, work)
+
+
+def _evaluate_copy_detection(searcher, queries, ground_truth, config: CopyEvalConfig, background, work: str) -> CopyEvalReport:
     seconds: dict[str, float] = {}
     searcher = searcher if isinstance(searcher, Searcher) else Searcher(searcher)
     gt = ground_truth if isinstance(ground_truth, CopyGroundTruth) else read_copy_ground_truth(ground_truth)
@@ -356,12 +389,13 @@ def evaluate_copy_detection(
     spec = searcher.store.model_spec
     if isinstance(queries, str):
         start = time.perf_counter()
-        queries = embed_images(queries, spec, config.in_process_limit, config.work_dir, searcher.embedder(), config.progress)
+        queries = embed_images(queries, spec, config.in_process_limit, work, searcher.embedder(), config.progress)
         seconds["embed_queries"] = time.perf_counter() - start
     if background is None and config.background:
         start = time.perf_counter()
-        background = embed_images(config.background, spec, config.in_process_limit, config.work_dir,
-                                  searcher.embedder(), config.progress)
+        # Large backgrounds (DISC21's 1M training images) stay in their embeddings folder, streamed.
+        background = embeddings_or_images(config.background, spec, config.in_process_limit, work,
+                                          searcher.embedder(), config.progress)
         seconds["embed_background"] = time.perf_counter() - start
 
     listed = set(gt.query_ids)
@@ -380,8 +414,10 @@ def evaluate_copy_detection(
     seconds["search"] = time.perf_counter() - start
     scores = result.scores.copy()
     if background is not None and len(use):
+        start = time.perf_counter()
         bias = background_bias(searcher, xq, background, config.background_k)
         scores = scores - config.beta * bias[:, None]
+        seconds["score_normalisation"] = time.perf_counter() - start
     keys = result_keys(searcher, result, config.match_ids)
     predictions = copy_predictions([query_keys[i] for i in use], keys, scores)
     if config.max_predictions is not None:
@@ -397,7 +433,8 @@ def evaluate_copy_detection(
             "k": config.k, "nprobe": config.nprobe or searcher.store.nprobe,
             "query_expansion": qe.to_dict() if isinstance(qe, QueryExpansion) else None,
             "score_normalisation": (
-                {"beta": config.beta, "k": config.background_k, "n_background": len(background)}
+                {"beta": config.beta, "k": config.background_k,
+                 "background": background if isinstance(background, str) else f"{len(background)} vectors"}
                 if background is not None else None
             ),
             "match_ids": config.match_ids,
