@@ -192,8 +192,9 @@ def main() -> None:
         json.dump({"set": {"references": n_refs, "queries": len(cs.query_reference), "copies": n_pos,
                            "background": args.background, "seed": args.seed},
                    "rows": results, "recall_at_1_by_edit": per_edit}, f, indent=1)
-    print(f"results: {os.path.join(work, 'results.json')}")
-    if not args.workdir:
+    if args.workdir:
+        print(f"results: {os.path.join(work, 'results.json')}")
+    else:
         shutil.rmtree(work, ignore_errors=True)
 
 
