@@ -403,17 +403,22 @@ def _evaluate_copy_detection(searcher, queries, ground_truth, config: CopyEvalCo
     if len(set(query_keys)) != len(query_keys):
         raise ValueError("two query images share a name; use --match-ids exact")
     use = [i for i, q in enumerate(query_keys) if q in listed]
+    if not use:
+        raise ValueError(
+            f"none of the {len(query_keys)} query images is listed in the ground truth "
+            f"(e.g. query {query_keys[0] if query_keys else None!r}, ground truth {gt.query_ids[0]!r}); check --match-ids"
+        )
     used = {query_keys[i] for i in use}
     missing = [q for q in gt.query_ids if q not in used]
     if missing:
         log.warning("%d queries of the ground truth are not usable query images (e.g. %s); their matches count as missed",
                     len(missing), missing[:3])
-    xq = queries.vectors[use] if use else np.zeros((0, searcher.dim), np.float32)
+    xq = queries.vectors[use]
     start = time.perf_counter()
     result = searcher.search_many(xq, config.k, config.nprobe, config.query_expansion)
     seconds["search"] = time.perf_counter() - start
     scores = result.scores.copy()
-    if background is not None and len(use):
+    if background is not None:
         start = time.perf_counter()
         bias = background_bias(searcher, xq, background, config.background_k)
         scores = scores - config.beta * bias[:, None]

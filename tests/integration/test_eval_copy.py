@@ -214,6 +214,11 @@ def test_bad_inputs_give_one_line_errors(index_dir, copyset, tmp_path):
     res = CliRunner().invoke(app, ["eval", "copy", index_dir, "--queries", copyset.queries, "--gt",
                                    copyset.ground_truth, "--match-ids", "fuzzy"])
     assert res.exit_code == 2 and "--match-ids" in res.output
+    other = tmp_path / "other_gt.csv"
+    other.write_text("query_id,reference_id\nX1,R000001\n")
+    res = CliRunner().invoke(app, ["eval", "copy", index_dir, "--queries", copyset.queries, "--gt", str(other),
+                                   "--predictions", ""])
+    assert res.exit_code == 2 and "none of the 24 query images" in res.output
     res = CliRunner().invoke(app, ["eval", "ann", index_dir, "--ks", "1,ten"])
     assert res.exit_code == 2 and "--ks" in res.output
 

@@ -149,3 +149,21 @@ def test_bad_quality_options_are_refused(copyset, tmp_path):
     ):
         res = CliRunner().invoke(app, ["build", copyset.references, "--out", str(tmp_path / "x"), *args])
         assert res.exit_code == 2 and message in res.output, (args, res.output)
+
+
+def test_query_expansion_over_ivf_shards_matches_a_flat_index(tuned_index, tmp_path):
+    # Expanded queries need the database vectors of the first results: IVF shards reconstruct them
+    # through an id -> list table, Flat through its IDMap; with every list scanned both must agree.
+    emb = os.path.join(tuned_index, "embeddings")
+    for name, extra in (("flat", ["--index", "Flat"]), ("ivf", ["--index", "IVF4,Flat", "--shards", "2", "--nprobe", "4"])):
+        res = CliRunner().invoke(app, ["index", emb, "--out", str(tmp_path / name), *extra])
+        assert res.exit_code == 0, res.output
+    flat, ivf = Searcher(str(tmp_path / "flat")), Searcher(str(tmp_path / "ivf"))
+    assert len(ivf.shards) == 2
+    xq = read_embeddings_folder(emb).vectors[::4]
+    qe = QueryExpansion(3, 1.0)
+    a = flat.search(xq, k=5, query_expansion=qe)
+    b = ivf.search(xq, k=5, query_expansion=qe)
+    np.testing.assert_array_equal(a.ids, b.ids)
+    np.testing.assert_allclose(a.scores, b.scores, atol=1e-5)
+    assert not np.allclose(a.scores, flat.search(xq, k=5).scores)
