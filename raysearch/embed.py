@@ -31,6 +31,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from raysearch import __version__, storage
+from raysearch.errors import EmbeddingError
 from raysearch.images import DecodeError, decode_image, resize_image
 from raysearch.models.registry import ModelConfig, ModelSpec, resolve_model
 from raysearch.sources import open_source
@@ -99,10 +100,6 @@ class EmbedSummary:
     @property
     def error_rate(self) -> float:
         return self.n_errors / self.n_images if self.n_images else 0.0
-
-
-class EmbeddingError(RuntimeError):
-    """The embedding stage could not finish (too many bad images, mismatched resume, ...)."""
 
 
 # ---------------------------------------------------------------------------------------------

@@ -35,6 +35,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from raysearch import __version__, storage
+from raysearch.errors import ActivationError
 from raysearch.activate.optimize import ActivateConfig, check_quantising
 from raysearch.embed import ERROR_SCHEMA, list_parts, read_rows_column
 from raysearch.images import DecodeError, decode_image, resize_image
@@ -104,10 +105,6 @@ class ActivateSummary:
     def images_per_second(self) -> float:
         done = self.n_activated + self.n_errors - self.n_skipped
         return done / self.seconds if self.seconds > 0 else 0.0
-
-
-class ActivationError(RuntimeError):
-    """Activation could not finish (too many unusable images, mismatched resume, ...)."""
 
 
 # ---------------------------------------------------------------------------------------------
