@@ -11,6 +11,7 @@ from raysearch.embed import RUN_FILE, EmbedConfig, EmbedSummary, embed_source
 from raysearch.index.build import IndexConfig, build_index
 from raysearch.index.store import MANIFEST
 from raysearch.models.registry import resolve_model
+from raysearch.rerank import DatabaseAugmentation, QueryExpansion
 
 log = logging.getLogger("raysearch")
 EMBEDDINGS_SUBDIR = "embeddings"
@@ -49,10 +50,14 @@ def build(
     embed_config: EmbedConfig = EmbedConfig(),
     index_config: IndexConfig = IndexConfig(),
     overwrite: bool = False,
+    dba: DatabaseAugmentation | None = None,
+    query_expansion: QueryExpansion | None = None,
 ) -> BuildResult:
     """Embed every image of `source` and build an index in `index_dir`.
 
     An interrupted build rerun with the same arguments resumes: parts already embedded are kept.
+    `dba` augments the database vectors before indexing; `query_expansion` is recorded as the
+    index's default re-ranking for search.
     """
     spec = resolve_model(embed_config.model)  # fail on a bad model before touching the output
     from raysearch.sources import open_source
@@ -61,5 +66,30 @@ def build(
     prepare_output_dir(index_dir, overwrite)
     embeddings_dir = storage.join(index_dir, EMBEDDINGS_SUBDIR)
     summary = embed_source(source, embeddings_dir, embed_config, spec=spec)
-    manifest = build_index(embeddings_dir, index_dir, index_config)
+    manifest = index_embeddings(embeddings_dir, index_dir, index_config, dba, query_expansion)
     return BuildResult(index_dir=index_dir, embed=summary, manifest=manifest)
+
+
+def index_embeddings(
+    embeddings_dir: str,
+    index_dir: str,
+    index_config: IndexConfig = IndexConfig(),
+    dba: DatabaseAugmentation | None = None,
+    query_expansion: QueryExpansion | None = None,
+) -> dict[str, Any]:
+    """`build_index` plus the build-time re-ranking options; returns the manifest.
+
+    With `dba`, the database vectors are augmented first (into INDEX_DIR/embeddings-dba, which the
+    index is then built from and its manifest names); `query_expansion` is stored in the manifest
+    as the default that `Searcher` applies.
+    """
+    from raysearch.augment import DBA_EMBEDDINGS_SUBDIR, augment_embeddings
+
+    extra: dict[str, Any] = {}
+    if dba is not None:
+        augmented = storage.join(index_dir, DBA_EMBEDDINGS_SUBDIR)
+        extra["dba"] = augment_embeddings(embeddings_dir, augmented, dba, seed=index_config.seed)
+        embeddings_dir = augmented
+    if query_expansion is not None:
+        extra["query_expansion"] = query_expansion.to_dict()
+    return build_index(embeddings_dir, index_dir, index_config, extra_manifest=extra or None)

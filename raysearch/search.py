@@ -3,6 +3,11 @@
 Scores are "higher is more similar" whatever the metric: for L2 indexes, score = 1 - d/2 where d is
 the squared L2 distance, which equals the cosine similarity for unit vectors; for inner-product
 indexes, score is the inner product.
+
+Index space: an index built with whitening is a faiss.IndexPreTransform; its shards whiten whatever
+raw query they get. The Searcher whitens each query batch once (`to_index_space`) and searches the
+inner indexes, which also lets alpha query expansion build its expanded queries in the whitened
+space, from database vectors reconstructed by the index itself (`VectorLookup`).
 """
 
 from __future__ import annotations
@@ -15,6 +20,8 @@ import numpy as np
 from raysearch import storage
 from raysearch.images import DecodeError, decode_image, resize_image
 from raysearch.index.store import IdMap, IndexStore
+from raysearch.models.whitening import PreTransformParts, split_pretransform
+from raysearch.rerank import QueryExpansion, alpha_query_expansion
 
 MAX_K = 1000
 
@@ -82,29 +89,133 @@ def search_index(index: faiss.Index, xq: np.ndarray, k: int, nprobe: int | None,
     return distances_to_scores(D, metric), I
 
 
-class Searcher:
-    """All shards of an index in one process (memory-mapped where FAISS allows)."""
+class VectorLookup:
+    """Database vectors of one shard by vector id, reconstructed by the index (in its own space).
 
-    def __init__(self, index_dir: str | IndexStore, mmap: bool = True, verify: bool = True):
+    Exact for Flat, IVF-Flat and HNSW-Flat indexes (they store the vectors); for PQ / SQ codes it is
+    the decoded code, i.e. the vector the index actually scores against.
+    """
+
+    def __init__(self, index: faiss.Index):
+        self.index = index
+        self._ivf = None
+        self._positions: tuple[np.ndarray, np.ndarray] | None = None
+        try:
+            self._ivf = faiss.extract_index_ivf(index)
+        except RuntimeError:
+            if not isinstance(index, (faiss.IndexIDMap, faiss.IndexIDMap2)):
+                raise ValueError(f"cannot look up vectors by id in a {type(index).__name__}") from None
+            id_map = faiss.vector_to_array(index.id_map)
+            order = np.argsort(id_map, kind="stable")
+            self._positions = (id_map[order], order)
+            self._base = faiss.downcast_index(index.index)
+        else:
+            # A hash table from id to list position, built once by scanning the ids of every list
+            # (8 bytes per vector; the codes stay on disk).
+            self._ivf.set_direct_map_type(faiss.DirectMap.Hashtable)
+
+    def vectors(self, ids: np.ndarray) -> np.ndarray:
+        """(n,) int64 ids held by this shard -> (n, d) float32."""
+        ids = np.ascontiguousarray(ids, dtype=np.int64)
+        if ids.size == 0:
+            return np.zeros((0, self.index.d), np.float32)
+        try:
+            if self._ivf is not None:
+                return self._ivf.reconstruct_batch(ids)
+            sorted_ids, order = self._positions  # type: ignore[misc]
+            pos = np.searchsorted(sorted_ids, ids)
+            pos = np.clip(pos, 0, max(0, sorted_ids.size - 1))
+            if sorted_ids.size == 0 or not np.all(sorted_ids[pos] == ids):
+                raise KeyError(f"ids not in this shard: {ids[sorted_ids[pos] != ids][:5].tolist()}")
+            return self._base.reconstruct_batch(order[pos].astype(np.int64))
+        except RuntimeError as e:
+            raise ValueError(f"this index cannot reconstruct its vectors ({str(e).splitlines()[0]})") from e
+
+
+class Searcher:
+    """All shards of an index in one process (memory-mapped where FAISS allows).
+
+    `query_expansion`: the alpha-QE applied by `search` when it is not given per call; by default
+    the one recorded in the index manifest at build time (or none).
+    """
+
+    def __init__(self, index_dir: str | IndexStore, mmap: bool = True, verify: bool = True,
+                 query_expansion: QueryExpansion | None | bool = None):
         self.store = index_dir if isinstance(index_dir, IndexStore) else IndexStore(index_dir, verify=verify)
         self.shards = [self.store.load_shard(i, mmap=mmap) for i in range(len(self.store.shards))]
         self.id_maps: list[IdMap] = [self.store.load_ids(i) for i in range(len(self.store.shards))]
         self._embedder = None
+        # Shards are [whitening ->] inner index; every shard holds the same transform.
+        self._parts: list[PreTransformParts] = [split_pretransform(ix) for ix in self.shards]
+        self._lookups: dict[int, VectorLookup] = {}
+        if query_expansion is None:
+            query_expansion = QueryExpansion.from_dict(self.store.manifest.get("query_expansion"))
+        self.query_expansion: QueryExpansion | None = query_expansion or None
 
     @property
     def dim(self) -> int:
         return self.store.dim
 
-    def search(self, xq: np.ndarray, k: int = 10, nprobe: int | None = None) -> SearchResult:
+    def to_index_space(self, xq: np.ndarray) -> np.ndarray:
+        """Raw query vectors (n, dim) -> the vectors the inner indexes compare (whitened if the
+        index whitens; unchanged otherwise)."""
         xq = check_queries(xq, self.dim)
+        return self._parts[0].apply(xq) if self._parts else xq
+
+    def search(self, xq: np.ndarray, k: int = 10, nprobe: int | None = None,
+               query_expansion: QueryExpansion | None | bool = None) -> SearchResult:
+        """Top-k for raw query vectors (nq, dim). `query_expansion`: None = the Searcher's default,
+        False = none, or a QueryExpansion for this call."""
         check_k(k)
+        return self.search_many(xq, k, nprobe, query_expansion)
+
+    def search_many(self, xq: np.ndarray, k: int, nprobe: int | None = None,
+                    query_expansion: QueryExpansion | None | bool = None, batch_size: int = 4096) -> SearchResult:
+        """Like `search`, in query batches and without the k <= 1000 limit (evaluation ranks
+        whole collections)."""
+        xq = check_queries(xq, self.dim)
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        qe = self.query_expansion if query_expansion is None else (query_expansion or None)
         nprobe = nprobe or self.store.nprobe
+        if xq.shape[0] == 0:
+            return SearchResult(np.zeros((0, k), np.float32), np.zeros((0, k), np.int64), np.zeros((0, k), np.int32))
+        results = [self._search_batch(xq[i:i + batch_size], k, nprobe, qe) for i in range(0, max(1, len(xq)), batch_size)]
+        if len(results) == 1:
+            return results[0]
+        return SearchResult(*(np.concatenate([getattr(r, f) for r in results]) for f in ("scores", "ids", "shard")))
+
+    def _search_batch(self, xq: np.ndarray, k: int, nprobe: int | None, qe: QueryExpansion | None) -> SearchResult:
+        xs = self.to_index_space(xq)
+        if qe is None:
+            return self.search_index_space(xs, k, nprobe)
+        first = self.search_index_space(xs, qe.k, nprobe)
+        valid = first.ids >= 0
+        top = self.vectors(first.ids, first.shard)
+        return self.search_index_space(alpha_query_expansion(xs, top, first.scores, qe.alpha, valid), k, nprobe)
+
+    def search_index_space(self, xs: np.ndarray, k: int, nprobe: int | None = None) -> SearchResult:
+        """Search vectors that are already in the index's space (see `to_index_space`)."""
+        xs = np.ascontiguousarray(xs, dtype=np.float32)
         scores, ids = [], []
-        for index in self.shards:
-            s, i = search_index(index, xq, k, nprobe, self.store.metric)
+        for parts in self._parts:
+            s, i = search_index(parts.inner, xs, k, nprobe, self.store.metric)
             scores.append(s)
             ids.append(i)
         return merge_topk(scores, ids, k)
+
+    def vectors(self, ids: np.ndarray, shard: np.ndarray) -> np.ndarray:
+        """Database vectors in the index's space for result ids (any shape) and their shards;
+        zeros where id < 0. Returns ids.shape + (d,) float32."""
+        ids, shard = np.asarray(ids, np.int64), np.asarray(shard)
+        d = self._parts[0].inner.d if self._parts else self.dim
+        out = np.zeros(ids.shape + (d,), np.float32)
+        for s in np.unique(shard[ids >= 0]):
+            mask = (shard == s) & (ids >= 0)
+            if int(s) not in self._lookups:
+                self._lookups[int(s)] = VectorLookup(self._parts[int(s)].inner)
+            out[mask] = self._lookups[int(s)].vectors(ids[mask])
+        return out
 
     def lookup(self, result: SearchResult) -> tuple[np.ndarray, np.ndarray]:
         """image_ids and uris (object arrays shaped like result.ids; None where no result)."""
@@ -141,7 +252,8 @@ class Searcher:
         return self.embedder().embed_pixels(np.stack([self.preprocess(d) for d in images]))
 
     def search_images(
-        self, uris: list[str], k: int = 10, nprobe: int | None = None
+        self, uris: list[str], k: int = 10, nprobe: int | None = None,
+        query_expansion: QueryExpansion | None | bool = None,
     ) -> tuple[SearchResult, list[str | None]]:
         """Embed and search query images by path/URI. Returns the result and, per query, None or
         the reason it could not be used (its result row is then empty)."""
@@ -160,7 +272,7 @@ class Searcher:
         xq = np.zeros((len(uris), self.dim), np.float32)
         if ok:
             xq[ok] = self.embedder().embed_pixels(pixels[ok])
-        result = self.search(xq, k, nprobe)
+        result = self.search(xq, k, nprobe, query_expansion)
         bad = [i for i, p in enumerate(problems) if p is not None]
         result.ids[bad] = -1
         result.scores[bad] = np.nan

@@ -33,20 +33,68 @@ NprobeOpt = Annotated[Optional[int], typer.Option(help="Fixed nprobe / efSearch 
 RecallOpt = Annotated[float, typer.Option(help="Recall@10 the tuned nprobe must reach.")]
 SeedOpt = Annotated[int, typer.Option(help="Seed for sampling and k-means.")]
 
+# Retrieval-quality options (see docs/evaluate.md for what each does and costs).
+ScalesOpt = Annotated[Optional[str], typer.Option(help="Multi-scale extraction: comma-separated scales combined by GeM, e.g. '1,0.7071,0.5' (cost: ~1.75x embedding time).")]
+WhitenOpt = Annotated[bool, typer.Option("--whiten/--no-whiten", help="Learn PCA-whitening on the indexed embeddings and apply it inside the index (queries are whitened automatically).")]
+WhitenOnOpt = Annotated[Optional[str], typer.Option(help="Learn the whitening on another set instead: an embeddings folder, an index directory or an image SOURCE (implies --whiten).")]
+WhitenDimOpt = Annotated[Optional[int], typer.Option(help="Dimensions kept by the whitening (default: all, at most the training vectors - 1).")]
+WhitenShrinkOpt = Annotated[float, typer.Option(help="Whitening regularisation: added to every variance, as a multiple of the mean variance.")]
+DbaOpt = Annotated[int, typer.Option(help="Database-side augmentation: average every database vector with its K nearest neighbours (0 = off).")]
+DbaAlphaOpt = Annotated[float, typer.Option(help="DBA neighbour weight = similarity ** alpha.")]
+QeOpt = Annotated[int, typer.Option(help="Default alpha query expansion for searches of this index: expand with the top K results (0 = off).")]
+QeAlphaOpt = Annotated[float, typer.Option(help="Query expansion weight = similarity ** alpha.")]
 
-def model_config(model: str, weights: Optional[str], pooling: Optional[str], input_size: Optional[int], resize: Optional[str]):
+
+def parse_scales(text: Optional[str]) -> tuple[float, ...]:
+    """'1,0.7071,0.5' -> (1.0, 0.7071, 0.5); None -> (1.0,)."""
+    if not text:
+        return (1.0,)
+    try:
+        scales = tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise ValueError(f"--scales must be comma-separated numbers such as 1,0.7071,0.5, got {text!r}") from None
+    if not scales:
+        raise ValueError(f"--scales names no scale: {text!r}")
+    return scales
+
+
+def quality_options(whiten: bool, whiten_on: Optional[str], whiten_dim: Optional[int], whiten_shrinkage: float,
+                    dba: int, dba_alpha: float, qe: int, qe_alpha: float):
+    """(WhiteningConfig | None, DatabaseAugmentation | None, QueryExpansion | None) from the options."""
+    from raysearch.models.whitening import WhiteningConfig
+    from raysearch.rerank import DatabaseAugmentation, QueryExpansion
+
+    if dba < 0 or qe < 0:
+        raise ValueError(f"--dba and --qe must be >= 0, got {dba} and {qe}")
+    whitening = (
+        WhiteningConfig(source=whiten_on, dim=whiten_dim, shrinkage=whiten_shrinkage)
+        if (whiten or whiten_on) else None
+    )
+    if whitening is None and whiten_dim is not None:
+        raise ValueError("--whiten-dim needs --whiten or --whiten-on")
+    return (
+        whitening,
+        DatabaseAugmentation(dba, dba_alpha) if dba else None,
+        QueryExpansion(qe, qe_alpha) if qe else None,
+    )
+
+
+def model_config(model: str, weights: Optional[str], pooling: Optional[str], input_size: Optional[int], resize: Optional[str],
+                 scales: Optional[str] = None):
     from raysearch.models.registry import ModelConfig
 
-    return ModelConfig(name=model, weights=weights, pooling=pooling, input_size=input_size, resize=resize)
+    return ModelConfig(name=model, weights=weights, pooling=pooling, input_size=input_size, resize=resize,
+                       scales=parse_scales(scales))
 
 
 def index_config(index: str, metric: str, max_index_memory: str, shards: int, merge: bool,
-                 train_size: Optional[int], nprobe: Optional[int], target_recall: float, seed: int):
+                 train_size: Optional[int], nprobe: Optional[int], target_recall: float, seed: int,
+                 whitening=None):
     from raysearch.index.build import IndexConfig
 
     return IndexConfig(
         factory=index, metric=metric, max_memory=max_index_memory, shards=shards, merge=merge,
-        train_size=train_size, nprobe=nprobe, target_recall=target_recall, seed=seed,
+        train_size=train_size, nprobe=nprobe, target_recall=target_recall, seed=seed, whitening=whitening,
     )
 
 
@@ -56,6 +104,16 @@ def print_index_summary(manifest: dict) -> None:
         f"index: {manifest['factory']} ({manifest['factory_reason']}); {manifest['n_vectors']} vectors "
         f"in {len(shards)} shard{'s' if len(shards) != 1 else ''}; nprobe {manifest['search'].get('nprobe')}"
     )
+    extras = []
+    if manifest.get("whitening"):
+        w = manifest["whitening"]
+        extras.append(f"PCA-whitening {w['dim_in']}->{w['dim_out']} learned on {w['trained_on']} ({w['n_train']} vectors)")
+    if manifest.get("dba"):
+        extras.append(f"DBA k={manifest['dba']['k']} alpha={manifest['dba']['alpha']:g}")
+    if manifest.get("query_expansion"):
+        extras.append(f"default alpha-QE k={manifest['query_expansion']['k']} alpha={manifest['query_expansion']['alpha']:g}")
+    if extras:
+        typer.echo("quality: " + "; ".join(extras))
 
 
 @app.command()
@@ -68,6 +126,7 @@ def build(
     pooling: PoolingOpt = None,
     input_size: InputSizeOpt = None,
     resize: ResizeOpt = None,
+    scales: ScalesOpt = None,
     index: IndexOpt = "auto",
     metric: MetricOpt = "l2",
     max_index_memory: MaxMemOpt = "4G",
@@ -77,6 +136,14 @@ def build(
     nprobe: NprobeOpt = None,
     target_recall: RecallOpt = 0.95,
     seed: SeedOpt = 1234,
+    whiten: WhitenOpt = False,
+    whiten_on: WhitenOnOpt = None,
+    whiten_dim: WhitenDimOpt = None,
+    whiten_shrinkage: WhitenShrinkOpt = 0.1,
+    dba: DbaOpt = 0,
+    dba_alpha: DbaAlphaOpt = 3.0,
+    qe: QeOpt = 0,
+    qe_alpha: QeAlphaOpt = 3.0,
     batch_size: BatchOpt = 32,
     concurrency: ConcurrencyOpt = None,
     max_error_rate: MaxErrOpt = 0.05,
@@ -95,13 +162,14 @@ def build(
 
     setup_logging(verbose)
     embed_cfg = EmbedConfig(
-        model=model_config(model, weights, pooling, input_size, resize), batch_size=batch_size,
+        model=model_config(model, weights, pooling, input_size, resize, scales), batch_size=batch_size,
         concurrency=concurrency, max_error_rate=max_error_rate, progress=progress,
     )
-    index_cfg = index_config(index, metric, max_index_memory, shards, merge, train_size, nprobe, target_recall, seed)
+    whitening, dba_cfg, qe_cfg = quality_options(whiten, whiten_on, whiten_dim, whiten_shrinkage, dba, dba_alpha, qe, qe_alpha)
+    index_cfg = index_config(index, metric, max_index_memory, shards, merge, train_size, nprobe, target_recall, seed, whitening)
     if address:
         ensure_ray(address)
-    result = run_build(source, out, embed_cfg, index_cfg, overwrite=overwrite)
+    result = run_build(source, out, embed_cfg, index_cfg, overwrite=overwrite, dba=dba_cfg, query_expansion=qe_cfg)
     s = result.embed
     typer.echo(
         f"embedded {s.n_embedded} of {s.n_images} images ({s.n_errors} errors"
@@ -128,23 +196,31 @@ def index_cmd(
     nprobe: NprobeOpt = None,
     target_recall: RecallOpt = 0.95,
     seed: SeedOpt = 1234,
+    whiten: WhitenOpt = False,
+    whiten_on: WhitenOnOpt = None,
+    whiten_dim: WhitenDimOpt = None,
+    whiten_shrinkage: WhitenShrinkOpt = 0.1,
+    dba: DbaOpt = 0,
+    dba_alpha: DbaAlphaOpt = 3.0,
+    qe: QeOpt = 0,
+    qe_alpha: QeAlphaOpt = 3.0,
     overwrite: Annotated[bool, typer.Option(help="Replace the contents of a non-empty --out.")] = False,
     address: AddressOpt = None,
     verbose: VerboseOpt = False,
 ) -> None:
     """Build an index from existing embeddings alone (no images are read)."""
     from raysearch import storage
-    from raysearch.build import prepare_output_dir
-    from raysearch.index.build import build_index
+    from raysearch.build import index_embeddings, prepare_output_dir
     from raysearch.runtime import ensure_ray
 
     setup_logging(verbose)
-    cfg = index_config(index, metric, max_index_memory, shards, merge, train_size, nprobe, target_recall, seed)
+    whitening, dba_cfg, qe_cfg = quality_options(whiten, whiten_on, whiten_dim, whiten_shrinkage, dba, dba_alpha, qe, qe_alpha)
+    cfg = index_config(index, metric, max_index_memory, shards, merge, train_size, nprobe, target_recall, seed, whitening)
     if address:
         ensure_ray(address)
     # Rebuilding in place (EMBEDDINGS inside --out) must never delete the embeddings themselves.
     keep = tuple(p for p in storage.listdir(out) if storage.join(out, p).rstrip("/") == embeddings.rstrip("/"))
     prepare_output_dir(out, overwrite, keep=keep)
-    manifest = build_index(embeddings, out, cfg)
+    manifest = index_embeddings(embeddings, out, cfg, dba_cfg, qe_cfg)
     print_index_summary(manifest)
     typer.echo(f"wrote {out}")

@@ -33,17 +33,21 @@ def search(
     queries: Annotated[list[str], typer.Argument(help="Query image files or URIs.")],
     k: Annotated[int, typer.Option("-k", "--k", help="Results per query (1..1000).")] = 10,
     nprobe: Annotated[Optional[int], typer.Option(help="Override the index's tuned nprobe / efSearch.")] = None,
+    qe: Annotated[Optional[int], typer.Option(help="Alpha query expansion with the top K results (0 = off; default: the index's setting).")] = None,
+    qe_alpha: Annotated[float, typer.Option(help="Query expansion weight = similarity ** alpha.")] = 3.0,
     format: Annotated[OutputFormat, typer.Option("--format", "-f", help="table, csv (query,rank,id,uri,score) or json.")] = OutputFormat.table,
     verify: Annotated[bool, typer.Option("--verify/--no-verify", help="Check every index file against its checksum.")] = True,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Search the index with query images, embedded by the index's own model."""
+    from raysearch.rerank import QueryExpansion
     from raysearch.search import Searcher, check_k
 
     setup_logging(verbose)
     check_k(k)
+    expansion = None if qe is None else (QueryExpansion(qe, qe_alpha) if qe != 0 else False)
     searcher = Searcher(index_dir, verify=verify)
-    result, problems = searcher.search_images(list(queries), k=k, nprobe=nprobe)
+    result, problems = searcher.search_images(list(queries), k=k, nprobe=nprobe, query_expansion=expansion)
     image_ids, uris = searcher.lookup(result)
     write_results(result_rows(list(queries), result, image_ids, uris, problems), format)
     if all(p is not None for p in problems):

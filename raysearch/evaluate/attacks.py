@@ -143,6 +143,38 @@ def overlay_onto_background(img: Image.Image, rng: np.random.Generator) -> Image
     return out
 
 
+def vflip(img: Image.Image, rng: np.random.Generator) -> Image.Image:
+    return ImageOps.flip(img)
+
+
+def pixelate(img: Image.Image, rng: np.random.Generator) -> Image.Image:
+    """Blocky mosaic: shrink to 1/6-1/3 with nearest neighbour, then back up."""
+    w, h = img.size
+    f = rng.uniform(1 / 6, 1 / 3)
+    small = img.resize((max(4, int(w * f)), max(4, int(h * f))), Image.NEAREST)
+    return small.resize((w, h), Image.NEAREST)
+
+
+def noise(img: Image.Image, rng: np.random.Generator) -> Image.Image:
+    """Additive Gaussian pixel noise (sensor noise, re-photographed screens)."""
+    arr = np.asarray(_rgb(img), dtype=np.float32)
+    arr = arr + rng.normal(0.0, rng.uniform(8.0, 25.0), size=arr.shape)
+    return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
+
+
+def perspective(img: Image.Image, rng: np.random.Generator) -> Image.Image:
+    """A mild keystone: each corner moves inwards by up to 15% of the side (photo of a screen)."""
+    w, h = img.size
+    dx, dy = w * 0.15, h * 0.15
+    # Source quadrilateral for Image.transform(QUAD): upper left, lower left, lower right, upper right.
+    corners = [
+        (rng.uniform(0, dx), rng.uniform(0, dy)), (rng.uniform(0, dx), h - rng.uniform(0, dy)),
+        (w - rng.uniform(0, dx), h - rng.uniform(0, dy)), (w - rng.uniform(0, dx), rng.uniform(0, dy)),
+    ]
+    quad = tuple(float(c) for corner in corners for c in corner)
+    return _rgb(img).transform((w, h), Image.QUAD, quad, resample=Image.BILINEAR, fillcolor=_color(rng))
+
+
 EDITS: dict[str, EditFn] = {
     "crop": crop,
     "center_crop": center_crop,
@@ -161,17 +193,24 @@ EDITS: dict[str, EditFn] = {
     "overlay": overlay_onto_background,
 }
 STRONG_EDITS = ("crop", "rotate", "overlay", "meme", "combo")
+# What `combo` chains (itself included, as it always has), fixed so that a seed keeps giving the same
+# combination when edits are added to EDITS.
+COMBO_EDITS = tuple(n for n in EDITS if n not in ("rotate90", "hflip")) + ("combo",)
 
 
 def combo(img: Image.Image, rng: np.random.Generator) -> Image.Image:
     """Two or three different edits in a row (never two geometric ones that shrink the picture)."""
-    names = [n for n in EDITS if n not in ("rotate90", "hflip")]
-    for name in rng.choice(names, size=int(rng.integers(2, 4)), replace=False):
+    for name in rng.choice(list(COMBO_EDITS), size=int(rng.integers(2, 4)), replace=False):
         img = EDITS[str(name)](img, rng)
     return img
 
 
 EDITS["combo"] = combo
+# Added after `combo`, so they leave its seeded choices unchanged.
+EDITS["vflip"] = vflip
+EDITS["pixelate"] = pixelate
+EDITS["noise"] = noise
+EDITS["perspective"] = perspective
 
 
 def apply_edit(name: str, img: Image.Image, seed: int) -> Image.Image:

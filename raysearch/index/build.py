@@ -51,6 +51,7 @@ class IndexConfig:
     nprobe: int | None = None   # fix nprobe instead of tuning it
     target_recall: float = 0.95
     tune: bool = True
+    whitening: Any = None       # raysearch.models.whitening.WhiteningConfig: PCA-whitening in front of the index
 
     def __post_init__(self) -> None:
         if self.metric not in METRICS:
@@ -131,8 +132,13 @@ def default_nprobe(index: faiss.Index) -> int | None:
     return int(max(1, min(nlist, round(nlist ** 0.5))))
 
 
-def build_index(embeddings_dir: str, index_dir: str, config: IndexConfig = IndexConfig()) -> dict[str, Any]:
-    """Build an index directory from a complete embeddings folder; returns the manifest."""
+def build_index(
+    embeddings_dir: str, index_dir: str, config: IndexConfig = IndexConfig(), extra_manifest: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Build an index directory from a complete embeddings folder; returns the manifest.
+
+    `extra_manifest`: more entries for the manifest (e.g. how the embeddings were augmented).
+    """
     import ray
 
     from raysearch.runtime import ensure_ray
@@ -149,13 +155,23 @@ def build_index(embeddings_dir: str, index_dir: str, config: IndexConfig = Index
         if part_dim(uri) != dim:
             raise ValueError(f"{uri} holds {part_dim(uri)}-d vectors but the embeddings are {dim}-d")
 
+    whitener, whitening_record, index_dim = None, None, dim
+    if config.whitening is not None:
+        from raysearch.models.whitening import learn_whitening, wrap_index
+
+        storage.makedirs(index_dir)
+        with timer("whiten"):
+            whitener, whitening_record = learn_whitening(config.whitening, embeddings_dir, index_dir, config.seed)
+        index_dim = whitener.d_out
     if config.factory == "auto":
-        choice = fac.choose_factory(n, dim, config.max_memory)
+        choice = fac.choose_factory(n, index_dim, config.max_memory)
         factory, reason = choice.factory, choice.reason
     else:
         factory, reason = config.factory, "given with --index"
     log.info("index: %s (%s)", factory, reason)
-    index = make_index(factory, dim, config.metric)
+    index = make_index(factory, index_dim, config.metric)
+    if whitener is not None:
+        index = wrap_index(whitener, index)  # every shard then whitens its queries itself
     if config.merge and "HNSW" in factory:
         raise ValueError("--merge is not possible for HNSW graphs; build with --shards 1 or keep the shards")
 
@@ -230,6 +246,8 @@ def build_index(embeddings_dir: str, index_dir: str, config: IndexConfig = Index
         "search": search_info,
         "timings": {k: round(v, 3) for k, v in timer.seconds.items()},
         "files": describe_files(index_dir, names),
+        **({"whitening": whitening_record} if whitening_record else {}),
+        **(extra_manifest or {}),
     }
     write_manifest(index_dir, manifest)
     return manifest

@@ -74,6 +74,10 @@ def ensure_ids(index: faiss.Index) -> faiss.Index:
         pass
     if isinstance(index, (faiss.IndexIDMap, faiss.IndexIDMap2)):
         return index
+    if isinstance(index, faiss.IndexPreTransform) and isinstance(
+        faiss.downcast_index(index.index), (faiss.IndexIDMap, faiss.IndexIDMap2)
+    ):
+        return index  # whitening in front of an IDMap: ids stay on the inner index
     return faiss.IndexIDMap(index)
 
 
