@@ -64,14 +64,18 @@ class ActivateConfig:
 
 
 def split_pretransform(index: faiss.Index) -> tuple[list, faiss.Index]:
-    """(vector transforms applied before the index, the index that quantises)."""
+    """(vector transforms applied before the index, the index that quantises), ids wrappers removed."""
+    from raysearch.models.whitening import split_pretransform as split
+
     index = faiss.downcast_index(index)
     if isinstance(index, faiss.IndexIDMap):
         index = faiss.downcast_index(index.index)
-    if isinstance(index, faiss.IndexPreTransform):
-        chain = [faiss.downcast_VectorTransform(index.chain.at(i)) for i in range(index.chain.size())]
-        return chain, faiss.downcast_index(index.index)
-    return [], index
+    parts = split(index)
+    inner = faiss.downcast_index(parts.inner)
+    if isinstance(inner, faiss.IndexIDMap):
+        inner = faiss.downcast_index(inner.index)
+    # The transforms and inner index are views into `index`: callers keep `index` alive while using them.
+    return parts.transforms, inner
 
 
 def check_quantising(index: faiss.Index, target: str) -> None:
