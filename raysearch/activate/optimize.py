@@ -43,6 +43,7 @@ class ActivateConfig:
     strength: float = 0.0165     # channel scale a_c = strength / luma_c
     target: str = "pq"
     psnr: float | None = None    # floor in dB: perturbations are scaled down until every image meets it
+    augment: int = 0             # random edited views per image and step (0: the original method)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -56,6 +57,8 @@ class ActivateConfig:
             raise ValueError(f"--psnr must be between 10 and 80 dB, got {self.psnr}")
         if self.scaling <= 0 or self.strength <= 0:
             raise ValueError("--scaling and --strength must be > 0")
+        if self.augment < 0:
+            raise ValueError(f"--augment must be >= 0, got {self.augment}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -168,6 +171,31 @@ def differentiable_resize(x: torch.Tensor, size: int, policy: str) -> torch.Tens
     raise ValueError(f"unknown resize policy {policy!r}")
 
 
+def random_view(x: torch.Tensor, size: int, gen: torch.Generator) -> torch.Tensor:
+    """A random edited copy of x (1, 3, H, W), differentiable, resized to (1, 3, size, size): a crop of
+    40-100% of the area, a small rotation, a brightness/contrast change and a blur, each drawn at
+    random. Optimising through such views makes the perturbation survive the edits copies undergo."""
+    import torchvision.transforms.v2.functional as TF
+
+    def u(lo: float, hi: float) -> float:
+        return lo + (hi - lo) * float(torch.rand((), generator=gen))
+
+    h, w = x.shape[-2:]
+    area, aspect = u(0.4, 1.0), u(0.75, 1.333)
+    ch = max(8, min(h, int(round((area * h * w / aspect) ** 0.5))))
+    cw = max(8, min(w, int(round((area * h * w * aspect) ** 0.5))))
+    top, left = int(u(0, h - ch + 1)), int(u(0, w - cw + 1))
+    v = x[..., top : top + ch, left : left + cw]
+    if float(torch.rand((), generator=gen)) < 0.5:
+        v = TF.rotate(v, u(-15.0, 15.0), interpolation=TF.InterpolationMode.BILINEAR)
+    v = F.interpolate(v, size=(size, size), mode="bicubic", align_corners=False, antialias=True)
+    v = (v - 0.5) * u(0.7, 1.3) + 0.5 + u(-0.15, 0.15)
+    if float(torch.rand((), generator=gen)) < 0.5:
+        sigma = u(0.3, 1.5)
+        v = TF.gaussian_blur(v, kernel_size=[5, 5], sigma=[sigma, sigma])
+    return v.clamp(0.0, 1.0)
+
+
 def psnr(x: np.ndarray, y: np.ndarray) -> float:
     """PSNR in dB between two uint8 images (inf when identical)."""
     mse = float(np.mean((x.astype(np.float64) - y.astype(np.float64)) ** 2))
@@ -234,10 +262,16 @@ def activate_batch(
 
     with torch.no_grad():
         cos_before = (features(xs) * tgt).sum(dim=-1)
+    gen = torch.Generator().manual_seed(config.seed)
     for _ in range(config.iterations):
         perturbed = [x + h * torch.tanh(d) for x, h, d in zip(xs, heat, deltas)]
         cos = (features(perturbed) * tgt).sum(dim=-1)
         loss_f = (1.0 - cos).sum()
+        if config.augment:
+            views = torch.cat([random_view(p, input_size, gen) for p in perturbed for _ in range(config.augment)])
+            view_cos = (F.normalize(transform(model(views)), dim=-1) * tgt.repeat_interleave(config.augment, 0)).sum(-1)
+            # Average the original's term with its views', so --augment does not change the loss scale.
+            loss_f = (loss_f + (1.0 - view_cos).sum() / config.augment) / 2.0
         loss_i = torch.stack([((p - x) ** 2).mean() for p, x in zip(perturbed, xs)]).sum()
         loss = config.lambda_f * loss_f + config.lambda_i * loss_i
         opt.zero_grad()

@@ -56,3 +56,40 @@ def activate(
         f"{s.mean_cos_before:.3f} -> {s.mean_cos_after:.3f}"
     )
     typer.echo(f"wrote {out}/images and {out}/report")
+
+
+def _register_eval() -> None:
+    from raysearch.cli.eval import eval_app
+
+    @eval_app.command("activation")
+    @user_errors
+    def activation_cmd(
+        index_dir: Annotated[str, typer.Argument(help="The index the images were activated for.")],
+        activated: Annotated[str, typer.Option("--activated", help="Output folder of `raysearch activate`.")],
+        edits: Annotated[Optional[str], typer.Option(help="Comma-separated edits (default: the whole suite; 'none' = unedited).")] = None,
+        nprobe: Annotated[Optional[int], typer.Option(help="nprobe (default: the index's).")] = None,
+        seed: Annotated[int, typer.Option(help="Seed of the edits.")] = 0,
+        max_images: Annotated[Optional[int], typer.Option(help="Evaluate only the first N activated images.")] = None,
+        json_out: Annotated[bool, typer.Option("--json", help="Print the figures as JSON.")] = False,
+        verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+    ) -> None:
+        """Recall@1 of edited copies of the passive vs the activated images, per edit and overall."""
+        import json
+
+        from raysearch.evaluate.activation import DEFAULT_EDITS, ActivationEvalConfig, evaluate_activation
+
+        setup_logging(verbose)
+        chosen = tuple(e.strip() for e in edits.split(",") if e.strip()) if edits else DEFAULT_EDITS
+        report = evaluate_activation(index_dir, activated, ActivationEvalConfig(
+            edits=chosen, nprobe=nprobe, seed=seed, max_images=max_images))
+        if json_out:
+            typer.echo(json.dumps(report.to_dict(), indent=2))
+            return
+        typer.echo(f"{report.n_images} images, nprobe {report.nprobe}; PSNR {report.mean_psnr:.1f} dB, SSIM {report.mean_ssim:.3f}")
+        typer.echo(f"{'edit':14s} {'passive':>8s} {'activated':>10s}")
+        for e in report.passive:
+            typer.echo(f"{e:14s} {report.passive[e]:8.3f} {report.activated[e]:10.3f}")
+        typer.echo(f"{'mean (edits)':14s} {report.mean_passive:8.3f} {report.mean_activated:10.3f}   ratio {report.ratio:.2f}")
+
+
+_register_eval()

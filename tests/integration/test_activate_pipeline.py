@@ -80,3 +80,27 @@ def test_activate_cli_and_its_refusals(pq_index, photo_folder, tmp_path, to_acti
     assert res.exit_code == 0, res.output
     assert "activated 5 of 6 images (1 errors)" in res.output
     assert all(r["psnr"] >= 45.0 for r in read_report(str(tmp_path / "o2")).to_pylist())
+
+
+def test_eval_activation_compares_passive_and_activated_copies(pq_index, to_activate, tmp_path, photo_folder):
+    import json
+
+    from raysearch.search import Searcher
+
+    out = str(tmp_path / "act")
+    activate_source(pq_index, to_activate, out, ActivatePipelineConfig(
+        activate=ActivateConfig(iterations=2), progress=False, max_error_rate=0.5))
+    res = CliRunner().invoke(app, ["eval", "activation", pq_index, "--activated", out, "--edits", "none,crop", "--json"])
+    assert res.exit_code == 0, res.output
+    doc = json.loads(res.stdout)
+    assert doc["n_images"] == 5 and set(doc["recall_at_1"]["passive"]) == {"none", "crop"}
+    # Unedited passive copies are the indexed files themselves: same answer as a plain search.
+    report = read_report(out).to_pylist()
+    searcher = Searcher(pq_index)
+    result, _ = searcher.search_images([r["uri"] for r in report], k=1)
+    ids, _ = searcher.lookup(result)
+    direct = float(np.mean(ids[:, 0] == np.array([r["image_id"] for r in report], dtype=object)))
+    assert doc["recall_at_1"]["passive"]["none"] == pytest.approx(direct)
+    assert 0.0 <= doc["recall_at_1"]["activated"]["crop"] <= 1.0
+    bad = CliRunner().invoke(app, ["eval", "activation", pq_index, "--activated", out, "--edits", "melt"])
+    assert bad.exit_code == 2 and "unknown edits" in bad.output
