@@ -35,9 +35,10 @@ class ServeConfig:
     max_image_pixels: int = 40_000_000  # refused from the header, before decoding (memory bound)
     verify: bool = True               # check shard files against the manifest's checksums on load
     embed_batch_size: int = 16
-    embed_batch_wait_s: float = 0.005
+    embed_batch_wait_s: float = 0.005  # a forward pass is worth waiting a few ms for company
     search_batch_size: int = 64
-    search_batch_wait_s: float = 0.001
+    # 0: no added latency; requests that queue while a FAISS call runs still form the next batch.
+    search_batch_wait_s: float = 0.0
     max_ongoing_requests: int = 256   # per replica; high so that @serve.batch can form batches
     ingress_cpus: float | None = None
     embedder_cpus: float | None = None

@@ -103,7 +103,7 @@ class ShardSearcher:
     async def search(self, query: ShardQuery) -> ShardHits:
         return await self.search_batch(query)
 
-    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.001)
+    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.0)
     async def search_batch(self, queries: list[ShardQuery]) -> list[ShardHits]:
         self.batches.add(sum(q.xq.shape[0] for q in queries))
         # FAISS releases the GIL: searching in a thread keeps the event loop free to queue the

@@ -106,3 +106,27 @@ def test_serve_command_refuses_a_missing_index_and_detach_without_cluster(tmp_pa
     detach = subprocess.run([sys.executable, "-m", "raysearch", "serve", str(tmp_path), "--detach"],
                             cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert detach.returncode == 2 and "--detach" in detach.stderr
+
+
+def test_serve_detach_leaves_the_service_on_the_cluster(vector_index, ray_local):
+    """--detach against a running cluster (here: the test session's) returns at once; the
+    service keeps answering after the command exited."""
+    from ray import serve
+
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["PYTHONPATH"] = REPO
+    address = ray_local.get_runtime_context().gcs_address
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "raysearch", "serve", vector_index, "--port", str(port), "--detach",
+             "--address", address],
+            cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+        )
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert "detached" in done.stdout
+        r = httpx.post(f"http://127.0.0.1:{port}/search", json={"vector": [0.03] * 1280, "k": 2}, timeout=60)
+        assert r.status_code == 200 and len(r.json()["results"]) == 2
+        assert "raysearch" in serve.status().applications
+    finally:
+        serve.shutdown()
