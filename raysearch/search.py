@@ -13,7 +13,7 @@ import faiss
 import numpy as np
 
 from raysearch import storage
-from raysearch.images import MAX_PIXELS, DecodeError, decode_image, resize_image
+from raysearch.images import DecodeError, decode_image, resize_image
 from raysearch.index.store import IdMap, IndexStore
 from raysearch.models.registry import ModelSpec
 
@@ -176,7 +176,7 @@ def lookup_ids(id_map: IdMap, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return image_ids, uris
 
 
-def preprocess_image(data: bytes, spec: ModelSpec, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+def preprocess_image(data: bytes, spec: ModelSpec, max_pixels: int | None = None) -> np.ndarray:
     """Image bytes -> (S, S, 3) uint8 pixels for `spec`, exactly as the build preprocessed them.
 
     Raises DecodeError (with a reason) for anything that is not a usable picture.

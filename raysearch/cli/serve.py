@@ -17,6 +17,10 @@ ApiKeyOpt = Annotated[Optional[str], typer.Option(
     "--api-key", envvar="RAYSEARCH_API_KEY", show_envvar=True,
     help="Require 'Authorization: Bearer KEY' on every request (except /healthz and the API docs).",
 )]
+ClientKeyOpt = Annotated[Optional[str], typer.Option(
+    "--api-key", envvar="RAYSEARCH_API_KEY", show_envvar=True,
+    help="The service's API key (sent as 'Authorization: Bearer KEY').",
+)]
 
 
 @app.command("serve")
@@ -31,7 +35,7 @@ def serve_cmd(
     shard_timeout: Annotated[float, typer.Option(help="Seconds to wait for a shard; slower shards are reported in 'missing_shards'.")] = 5.0,
     max_body_mb: Annotated[float, typer.Option(help="Largest request body accepted (MiB); larger ones get 413.")] = 20.0,
     verify: Annotated[bool, typer.Option("--verify/--no-verify", help="Check every shard file against its checksum when loading.")] = True,
-    detach: Annotated[bool, typer.Option(help="Return once the service is up and leave it running on the Ray cluster (needs --address).")] = False,
+    detach: Annotated[bool, typer.Option(help="Return once the service is up and leave it running on the Ray cluster (needs --address or $RAY_ADDRESS).")] = False,
     address: Annotated[Optional[str], typer.Option(help="Ray cluster address (default: $RAY_ADDRESS, else a local cluster).")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
@@ -102,7 +106,7 @@ def query_cmd(
     k: Annotated[int, typer.Option("-k", "--k", help="Results per query (1..1000).")] = 10,
     nprobe: Annotated[Optional[int], typer.Option(help="Override the index's tuned nprobe / efSearch.")] = None,
     format: Annotated[OutputFormat, typer.Option("--format", "-f", help="table, csv (query,rank,id,uri,score) or json.")] = OutputFormat.table,
-    api_key: ApiKeyOpt = None,
+    api_key: ClientKeyOpt = None,
     timeout: Annotated[float, typer.Option(help="Seconds to wait for each answer.")] = 60.0,
     concurrency: Annotated[int, typer.Option(help="Requests in flight at once.")] = 4,
 ) -> None:

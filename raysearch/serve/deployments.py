@@ -160,6 +160,9 @@ class Ingress:
             for call in calls:
                 call.cancel()
             raise ApiError(503, f"the query embedder did not answer within {self.embed_timeout_s:g} s") from None
+        except Exception as e:  # noqa: BLE001 - a dead or failing embedder replica: retryable
+            log.warning("query embedder failed: %s", e)
+            raise ApiError(503, f"the query embedder failed ({type(e).__name__}); retry shortly") from None
         xq = np.stack(vectors).astype(np.float32)
         if not np.isfinite(xq).all():
             raise ApiError(422, "the model produced a non-finite embedding for this image")
@@ -187,7 +190,8 @@ class Ingress:
         return embedder_ok and not missing, info
 
     def stats(self) -> dict[str, Any]:
-        return {k: v for k, v in self.info.items() if k != "model"} | {"model": self.model_spec["name"]}
+        hidden = ("model", "shard_names")
+        return {k: v for k, v in self.info.items() if k not in hidden} | {"model": self.model_spec["name"]}
 
     # -- helpers --------------------------------------------------------------------------
 
