@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
-import time
 from typing import Any
 
 import numpy as np
