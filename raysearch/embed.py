@@ -31,6 +31,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from raysearch import __version__, storage
+from raysearch.errors import EmbeddingError
 from raysearch.images import DecodeError, decode_image, resize_image
 from raysearch.models.registry import ModelConfig, ModelSpec, resolve_model
 from raysearch.sources import open_source
@@ -99,10 +100,6 @@ class EmbedSummary:
     @property
     def error_rate(self) -> float:
         return self.n_errors / self.n_images if self.n_images else 0.0
-
-
-class EmbeddingError(RuntimeError):
-    """The embedding stage could not finish (too many bad images, mismatched resume, ...)."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -263,7 +260,7 @@ class Embedder:
 # ---------------------------------------------------------------------------------------------
 
 
-def _content_name(rows: np.ndarray) -> str:
+def content_name(rows: np.ndarray) -> str:
     digest = hashlib.blake2b(np.ascontiguousarray(rows, dtype=np.int64).tobytes(), digest_size=8).hexdigest()
     return f"part-{int(rows.min()):012d}-{digest}.parquet"
 
@@ -291,7 +288,7 @@ def write_parts(batch: dict[str, np.ndarray], embeddings_dir: str) -> dict[str, 
             },
             schema=embedding_schema(dim),
         )
-        _write_table(storage.join(embeddings_dir, "parts", _content_name(rows[ok])), tbl)
+        write_table(storage.join(embeddings_dir, "parts", content_name(rows[ok])), tbl)
     if n_err:
         tbl = pa.table(
             {
@@ -302,11 +299,11 @@ def write_parts(batch: dict[str, np.ndarray], embeddings_dir: str) -> dict[str, 
             },
             schema=ERROR_SCHEMA,
         )
-        _write_table(storage.join(embeddings_dir, "errors", _content_name(rows[~ok])), tbl)
+        write_table(storage.join(embeddings_dir, "errors", content_name(rows[~ok])), tbl)
     return {"n_ok": np.array([n_ok]), "n_errors": np.array([n_err])}
 
 
-def _write_table(uri: str, tbl: pa.Table) -> None:
+def write_table(uri: str, tbl: pa.Table) -> None:
     buf = io.BytesIO()
     pq.write_table(tbl, buf, compression="zstd")
     storage.atomic_write(uri, buf.getvalue())
@@ -523,7 +520,7 @@ def _drop_repeated_rows(embeddings_dir: str, listing: Listing) -> int:
                 dropped += int(repeat.sum())
                 keep = tbl.filter(pa.array(~repeat))
                 if keep.num_rows:
-                    _write_table(uri, keep)
+                    write_table(uri, keep)
                 else:
                     storage.remove(uri)
                 rows = rows[~repeat]

@@ -7,9 +7,7 @@ from typing import Annotated, Optional
 import typer
 
 from raysearch.cli.common import app, setup_logging, user_errors
-from raysearch.embed import EmbedConfig
-from raysearch.index.build import IndexConfig
-from raysearch.models.registry import DEFAULT_MODEL, ModelConfig
+from raysearch.models.names import DEFAULT_MODEL
 
 # Options shared by the commands that embed images.
 ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Registered model name or torchscript:PATH (see `raysearch models`).")]
@@ -36,12 +34,16 @@ RecallOpt = Annotated[float, typer.Option(help="Recall@10 the tuned nprobe must 
 SeedOpt = Annotated[int, typer.Option(help="Seed for sampling and k-means.")]
 
 
-def model_config(model: str, weights: Optional[str], pooling: Optional[str], input_size: Optional[int], resize: Optional[str]) -> ModelConfig:
+def model_config(model: str, weights: Optional[str], pooling: Optional[str], input_size: Optional[int], resize: Optional[str]):
+    from raysearch.models.registry import ModelConfig
+
     return ModelConfig(name=model, weights=weights, pooling=pooling, input_size=input_size, resize=resize)
 
 
 def index_config(index: str, metric: str, max_index_memory: str, shards: int, merge: bool,
-                 train_size: Optional[int], nprobe: Optional[int], target_recall: float, seed: int) -> IndexConfig:
+                 train_size: Optional[int], nprobe: Optional[int], target_recall: float, seed: int):
+    from raysearch.index.build import IndexConfig
+
     return IndexConfig(
         factory=index, metric=metric, max_memory=max_index_memory, shards=shards, merge=merge,
         train_size=train_size, nprobe=nprobe, target_recall=target_recall, seed=seed,
@@ -88,6 +90,7 @@ def build(
     An interrupted build rerun with the same arguments resumes where it stopped.
     """
     from raysearch.build import build as run_build
+    from raysearch.embed import EmbedConfig
     from raysearch.runtime import ensure_ray
 
     setup_logging(verbose)

@@ -44,16 +44,15 @@ def fail(message: str, code: int = USER_ERROR_EXIT) -> typer.Exit:
 def user_errors(fn: F) -> F:
     """Turn the errors a user can fix (bad paths, bad options, bad data) into a one-line message and
     exit code 2; anything else is a bug and keeps its traceback."""
-    from raysearch.embed import EmbeddingError
+    from raysearch.errors import RaysearchError
     from raysearch.images import DecodeError
-    from raysearch.index.store import IndexFormatError
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
         except (ValueError, FileNotFoundError, PermissionError, NotADirectoryError, IsADirectoryError,
-                EmbeddingError, IndexFormatError, DecodeError) as e:
+                RaysearchError, DecodeError) as e:
             raise fail(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
 
     return wrapper  # type: ignore[return-value]

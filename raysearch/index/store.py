@@ -26,6 +26,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from raysearch import __version__, storage
+from raysearch.errors import IndexFormatError
 from raysearch.models.registry import ModelSpec
 
 MANIFEST = "manifest.json"
@@ -34,10 +35,6 @@ TRAINED_INDEX = "trained.index"
 SHARDS_DIR = "shards"
 ERRORS_FILE = "errors.parquet"
 IDMAP_SCHEMA = pa.schema([("id", pa.int64()), ("image_id", pa.string()), ("uri", pa.string())])
-
-
-class IndexFormatError(ValueError):
-    """The index directory is incomplete, corrupt or not a raysearch index."""
 
 
 def shard_name(i: int) -> str:

@@ -21,11 +21,11 @@ import torch.nn.functional as F
 
 from raysearch.images import RESIZE_POLICIES
 from raysearch.models import backbones
+from raysearch.models.names import DEFAULT_MODEL, TORCHSCRIPT_PREFIX
 from raysearch.models.pooling import POOLINGS, pool
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-DEFAULT_MODEL = "efficientnet_lite0_gem"
 
 
 @dataclass(frozen=True)
@@ -103,7 +103,6 @@ _REGISTRY: dict[str, _Entry] = {
         description="torchvision ResNet-101 trunk, GeM p=3, 2048-d; --weights PATH required",
     ),
 }
-TORCHSCRIPT_PREFIX = "torchscript:"
 TORCHSCRIPT_INPUT_SIZE = 288
 
 

@@ -1,0 +1,271 @@
+"""Activating one batch of images (Active Image Indexing, Fernandez et al., ICLR 2023).
+
+Each image x is replaced by
+
+    x' = x + H(x) * a * tanh(delta)
+
+where H is the image's JND heatmap (times `scaling`), a a per-channel scale (inversely proportional to
+the channel's weight in luminance, so each channel changes brightness alike), and delta is optimised
+with Adam to minimise
+
+    lambda_f * (1 - cos(f(x'), target)) + lambda_i * mean((x' - x)^2)
+
+f is the index's own model applied after a differentiable resize to its input size (and after the
+index's own pre-transform, if it has one). The target is where the index quantises the image's
+indexed feature: its PQ reconstruction (default) or its IVF centroid. Pulling the feature there makes
+the image sit at the centre of its own quantisation cell, so edited copies still land in it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import faiss
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from raysearch.activate.jnd import LUMA, jnd_heatmap
+
+TARGETS = ("pq", "ivf")
+
+
+@dataclass(frozen=True)
+class ActivateConfig:
+    """Options of one activation (see module docstring for the meaning of each term)."""
+
+    iterations: int = 10
+    lr: float = 1.0
+    lambda_f: float = 1.0
+    lambda_i: float = 0.2
+    scaling: float = 3.0
+    strength: float = 0.0165     # channel scale a_c = strength / luma_c
+    target: str = "pq"
+    psnr: float | None = None    # floor in dB: perturbations are scaled down until every image meets it
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.iterations < 0:
+            raise ValueError(f"--iterations must be >= 0, got {self.iterations}")
+        if self.lr <= 0:
+            raise ValueError(f"--lr must be > 0, got {self.lr}")
+        if self.target not in TARGETS:
+            raise ValueError(f"--target must be one of {TARGETS}, got {self.target!r}")
+        if self.psnr is not None and not 10.0 <= self.psnr <= 80.0:
+            raise ValueError(f"--psnr must be between 10 and 80 dB, got {self.psnr}")
+        if self.scaling <= 0 or self.strength <= 0:
+            raise ValueError("--scaling and --strength must be > 0")
+
+
+# ---------------------------------------------------------------------------------------------
+# Where the index quantises a vector, and the index's own feature transform in torch
+# ---------------------------------------------------------------------------------------------
+
+
+def split_pretransform(index: faiss.Index) -> tuple[list, faiss.Index]:
+    """(vector transforms applied before the index, the index that quantises)."""
+    index = faiss.downcast_index(index)
+    if isinstance(index, faiss.IndexIDMap):
+        index = faiss.downcast_index(index.index)
+    if isinstance(index, faiss.IndexPreTransform):
+        chain = [faiss.downcast_VectorTransform(index.chain.at(i)) for i in range(index.chain.size())]
+        return chain, faiss.downcast_index(index.index)
+    return [], index
+
+
+def check_quantising(index: faiss.Index, target: str) -> None:
+    """Activation needs a lossy index: PQ codes for the 'pq' target, an IVF for 'ivf'."""
+    _, inner = split_pretransform(index)
+    try:
+        faiss.extract_index_ivf(inner)
+        has_ivf = True
+    except RuntimeError:
+        has_ivf = False
+    has_pq = hasattr(inner, "pq")
+    if target == "pq" and not has_pq:
+        raise ValueError(
+            "--target pq needs an index that stores product-quantised codes (e.g. IVF4096,PQ16); "
+            f"this index ({type(inner).__name__}) stores vectors exactly: activation cannot help it"
+            + (" (try --target ivf)" if has_ivf else "")
+        )
+    if target == "ivf" and not has_ivf:
+        raise ValueError(f"--target ivf needs an IVF index, this one is {type(inner).__name__}")
+
+
+def quantised_targets(index: faiss.Index, x: np.ndarray, target: str = "pq") -> np.ndarray:
+    """Where `index` (trained) quantises the vectors x (n, d): their PQ reconstruction or their IVF
+    centroid, in the index's own space (after its pre-transform). Returns (n, d') float32."""
+    chain, inner = split_pretransform(index)
+    xt = np.ascontiguousarray(x, dtype=np.float32)
+    for vt in chain:
+        xt = vt.apply(xt)
+    if target == "pq":
+        return inner.sa_decode(inner.sa_encode(xt)).astype(np.float32)
+    ivf = faiss.extract_index_ivf(inner)
+    _, assign = ivf.quantizer.search(xt, 1)
+    return ivf.quantizer.reconstruct_batch(assign.ravel()).astype(np.float32)
+
+
+class TorchTransform(torch.nn.Module):
+    """The index's pre-transform chain (linear maps such as PCA/whitening/OPQ, L2 normalisation) in
+    torch, so the activation loss is computed where the index quantises."""
+
+    def __init__(self, chain: list):
+        super().__init__()
+        self.steps: list[tuple[str, torch.Tensor | None, torch.Tensor | None]] = []
+        for i, vt in enumerate(chain):
+            if isinstance(vt, faiss.NormalizationTransform):
+                self.steps.append(("l2", None, None))
+            elif isinstance(vt, faiss.LinearTransform):
+                A = torch.from_numpy(faiss.vector_to_array(vt.A).reshape(vt.d_out, vt.d_in).astype(np.float32))
+                b = faiss.vector_to_array(vt.b)
+                bias = torch.from_numpy(b.astype(np.float32)) if b.size else torch.zeros(vt.d_out)
+                self.register_buffer(f"A{i}", A)
+                self.register_buffer(f"b{i}", bias)
+                self.steps.append(("linear", f"A{i}", f"b{i}"))  # type: ignore[arg-type]
+            else:
+                raise ValueError(f"activation cannot differentiate through the index transform {type(vt).__name__}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for kind, a, b in self.steps:
+            if kind == "l2":
+                x = F.normalize(x, dim=-1)
+            else:
+                x = x @ getattr(self, a).t() + getattr(self, b)  # type: ignore[arg-type]
+        return x
+
+
+# ---------------------------------------------------------------------------------------------
+# Image helpers
+# ---------------------------------------------------------------------------------------------
+
+
+def differentiable_resize(x: torch.Tensor, size: int, policy: str) -> torch.Tensor:
+    """(1, 3, H, W) -> (1, 3, size, size) with the model's resize policy, differentiably."""
+    h, w = x.shape[-2:]
+    if policy == "squash":
+        return F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False, antialias=True)
+    if policy == "crop":
+        scale = size / min(h, w)
+        nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
+        x = F.interpolate(x, size=(nh, nw), mode="bicubic", align_corners=False, antialias=True)
+        top, left = (nh - size) // 2, (nw - size) // 2
+        return x[..., top : top + size, left : left + size]
+    if policy == "pad":
+        scale = size / max(h, w)
+        nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
+        x = F.interpolate(x, size=(nh, nw), mode="bicubic", align_corners=False, antialias=True)
+        fill = torch.tensor([124, 116, 104], dtype=x.dtype, device=x.device).view(1, 3, 1, 1) / 255.0
+        out = fill.expand(1, 3, size, size).clone()
+        top, left = (size - nh) // 2, (size - nw) // 2
+        out[..., top : top + nh, left : left + nw] = x
+        return out
+    raise ValueError(f"unknown resize policy {policy!r}")
+
+
+def psnr(x: np.ndarray, y: np.ndarray) -> float:
+    """PSNR in dB between two uint8 images (inf when identical)."""
+    mse = float(np.mean((x.astype(np.float64) - y.astype(np.float64)) ** 2))
+    return math.inf if mse == 0 else 10.0 * math.log10(255.0 ** 2 / mse)
+
+
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    """(3, H, W) float in [0, 1] -> (H, W, 3) uint8 (rounded, as a saved PNG holds it)."""
+    return (x.detach().clamp(0, 1) * 255.0).round().byte().permute(1, 2, 0).cpu().numpy()
+
+
+@dataclass
+class ActivatedImage:
+    pixels: np.ndarray           # (H, W, 3) uint8
+    psnr: float
+    linf: int                    # largest change of any pixel channel, in grey levels
+    cos_before: float            # cosine(f(x), target), features as the optimiser sees them
+    cos_after: float
+    scale: float                 # factor applied to meet the PSNR floor (1.0 when not needed)
+
+
+def activate_batch(
+    images: list[np.ndarray],
+    targets: np.ndarray,
+    model: torch.nn.Module,
+    input_size: int,
+    resize: str,
+    config: ActivateConfig = ActivateConfig(),
+    transform: torch.nn.Module | None = None,
+    device: str | torch.device = "cpu",
+) -> list[ActivatedImage]:
+    """Activate a batch of full-resolution images.
+
+    Parameters
+    ----------
+    images : list of (H_i, W_i, 3) uint8 arrays (sizes may differ).
+    targets : (n, d') float32, where the index quantises each image's indexed feature.
+    model : maps (B, 3, S, S) float images in [0, 1] to (B, d) features (the index's model).
+    input_size, resize : the model's preprocessing (ModelSpec.input_size, ModelSpec.resize).
+    transform : the index's pre-transform in torch (TorchTransform), or None.
+
+    Returns one ActivatedImage per input, in order.
+    """
+    if len(images) != len(targets):
+        raise ValueError(f"{len(images)} images but {len(targets)} targets")
+    if not images:
+        return []
+    device = torch.device(device)
+    torch.manual_seed(config.seed)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    transform = transform or torch.nn.Identity()
+    xs = [torch.from_numpy(np.array(im, dtype=np.uint8)).permute(2, 0, 1).float().div(255.0).unsqueeze(0).to(device) for im in images]
+    tgt = F.normalize(torch.from_numpy(np.asarray(targets, dtype=np.float32)).to(device), dim=-1)
+    channel = torch.tensor([config.strength / w for w in LUMA], device=device).view(1, 3, 1, 1)
+    with torch.no_grad():
+        heat = [config.scaling * jnd_heatmap(x) * channel for x in xs]
+    deltas = [(1e-6 * torch.randn_like(x)).requires_grad_(True) for x in xs]
+    opt = torch.optim.Adam(deltas, lr=config.lr)
+
+    def features(batch: list[torch.Tensor]) -> torch.Tensor:
+        resized = torch.cat([differentiable_resize(b, input_size, resize) for b in batch])
+        return F.normalize(transform(model(resized)), dim=-1)
+
+    with torch.no_grad():
+        cos_before = (features(xs) * tgt).sum(dim=-1)
+    for _ in range(config.iterations):
+        perturbed = [x + h * torch.tanh(d) for x, h, d in zip(xs, heat, deltas)]
+        cos = (features(perturbed) * tgt).sum(dim=-1)
+        loss_f = (1.0 - cos).sum()
+        loss_i = torch.stack([((p - x) ** 2).mean() for p, x in zip(perturbed, xs)]).sum()
+        loss = config.lambda_f * loss_f + config.lambda_i * loss_i
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    out: list[ActivatedImage] = []
+    with torch.no_grad():
+        finals = []
+        scales = []
+        for x, h, d, original in zip(xs, heat, deltas, images):
+            perturbation = h * torch.tanh(d)
+            scale = 1.0
+            pixels = to_uint8((x + perturbation)[0])
+            if config.psnr is not None:
+                # PSNR grows by 20*log10(1/s) when the perturbation is scaled by s; rounding to 8 bits
+                # can cost a little, so shrink until the saved pixels meet the floor.
+                value = psnr(pixels, original)
+                while value < config.psnr and scale > 1e-3:
+                    scale *= min(0.95, 10 ** ((value - config.psnr) / 20.0))
+                    pixels = to_uint8((x + scale * perturbation)[0])
+                    value = psnr(pixels, original)
+                if value < config.psnr:
+                    pixels, scale = original.copy(), 0.0
+            finals.append(torch.from_numpy(pixels).permute(2, 0, 1).float().div(255.0).unsqueeze(0).to(device))
+            scales.append(scale)
+        cos_after = (features(finals) * tgt).sum(dim=-1)
+        for i, (pixels_t, original) in enumerate(zip(finals, images)):
+            pixels = to_uint8(pixels_t[0])
+            diff = np.abs(pixels.astype(np.int16) - original.astype(np.int16))
+            out.append(ActivatedImage(
+                pixels=pixels, psnr=psnr(pixels, original), linf=int(diff.max()),
+                cos_before=float(cos_before[i]), cos_after=float(cos_after[i]), scale=scales[i],
+            ))
+    return out

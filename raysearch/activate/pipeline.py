@@ -1,0 +1,484 @@
+"""`raysearch activate`: Ray Data over a collection's images, perturbing each so that the index's own
+quantiser represents it better.
+
+    SOURCE listing -> join with the index (image_id -> vector id -> stored embedding)
+                   -> read + decode at full resolution (CPU tasks)
+                   -> Activator actors (GPU when present; model + trained quantiser loaded once)
+                   -> write activated images and report rows (CPU tasks)
+
+Output folder:
+
+    run.json                 index, source and options; a rerun must match them to resume
+    listing/part-*.parquet   the SOURCE listing (row numbers are positions in it)
+    images/<image_id>.png    activated images (PNG by default, so the perturbation survives)
+    report/part-*.parquet    row, image_id, uri, output, psnr, ssim, linf, cos/dist to target before/after
+    errors/part-*.parquet    row, image_id, uri, reason (not in the index, unreadable, ...)
+    activate.json            written last: counts and averages
+
+The target of each image comes from the index's own entry for its image_id: the stored embedding
+(exactly what was added to the index), quantised by the trained index.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from raysearch import __version__, storage
+from raysearch.errors import ActivationError
+from raysearch.activate.optimize import ActivateConfig, check_quantising
+from raysearch.embed import ERROR_SCHEMA, list_parts, read_rows_column
+from raysearch.images import DecodeError, decode_image, resize_image
+from raysearch.index.store import IndexStore
+from raysearch.sources import open_source
+from raysearch.sources.listing import Listing, write_listing
+
+log = logging.getLogger("raysearch")
+
+RUN_FILE = "run.json"
+DONE_FILE = "activate.json"
+FORMATS = ("png", "jpg")
+REPORT_SCHEMA = pa.schema(
+    [
+        ("row", pa.int64()),
+        ("image_id", pa.string()),
+        ("uri", pa.string()),
+        ("output", pa.string()),
+        ("psnr", pa.float64()),
+        ("ssim", pa.float64()),
+        ("linf", pa.int32()),
+        ("cos_before", pa.float64()),
+        ("cos_after", pa.float64()),
+        ("dist_before", pa.float64()),
+        ("dist_after", pa.float64()),
+        ("scale", pa.float64()),
+    ]
+)
+
+
+@dataclass(frozen=True)
+class ActivatePipelineConfig:
+    activate: ActivateConfig = field(default_factory=ActivateConfig)
+    batch_size: int = 8
+    concurrency: int | None = None
+    format: str = "png"
+    quality: int = 95
+    chunk_rows: int = 64
+    max_error_rate: float = 0.05
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.format not in FORMATS:
+            raise ValueError(f"--format must be one of {FORMATS}, got {self.format!r}")
+        if not 1 <= self.quality <= 100:
+            raise ValueError(f"--quality must be between 1 and 100, got {self.quality}")
+        if self.batch_size < 1:
+            raise ValueError(f"--batch-size must be >= 1, got {self.batch_size}")
+        if not 0.0 <= self.max_error_rate <= 1.0:
+            raise ValueError(f"--max-error-rate must be between 0 and 1, got {self.max_error_rate}")
+
+
+@dataclass(frozen=True)
+class ActivateSummary:
+    out_dir: str
+    n_images: int
+    n_activated: int
+    n_errors: int
+    n_skipped: int
+    seconds: float
+    mean_psnr: float
+    mean_ssim: float
+    mean_cos_before: float
+    mean_cos_after: float
+
+    @property
+    def images_per_second(self) -> float:
+        done = self.n_activated + self.n_errors - self.n_skipped
+        return done / self.seconds if self.seconds > 0 else 0.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Planning: which stored embedding belongs to which image of the source
+# ---------------------------------------------------------------------------------------------
+
+
+def _index_ids(store: IndexStore) -> dict[str, int]:
+    """image_id -> vector id, over every shard."""
+    out: dict[str, int] = {}
+    for i in range(len(store.shards)):
+        id_map = store.load_ids(i)
+        out.update(zip(id_map.image_ids.to_pylist(), id_map.ids.tolist()))
+    return out
+
+
+def _embedding_locations(store: IndexStore) -> tuple[list[str], dict[int, tuple[int, int]]]:
+    """Where each vector id's stored embedding is: (part uris, id -> (part index, position))."""
+    parts: list[str] = []
+    for folder in store.manifest.get("embeddings", []):
+        base = folder if ("://" in folder or os.path.isabs(folder)) else storage.join(store.index_dir, folder)
+        parts.extend(list_parts(base))
+    where: dict[int, tuple[int, int]] = {}
+    for p, uri in enumerate(parts):
+        for pos, row in enumerate(read_rows_column([uri]).tolist()):
+            where[row] = (p, pos)
+    return parts, where
+
+
+def plan_activation(
+    store: IndexStore, listing: Listing, done: np.ndarray, chunk_rows: int
+) -> tuple[list[dict[str, Any]], pa.Table]:
+    """Descriptors of the work (one per embeddings part and chunk) and the error rows of images
+    that cannot be activated (not in the index, duplicate ids)."""
+    ids = _index_ids(store)
+    parts, where = _embedding_locations(store)
+    jobs: dict[int, list[tuple[int, int, str, str]]] = {}
+    err_rows, err_ids, err_uris, err_reasons = [], [], [], []
+    for part in listing.parts:
+        tbl = pq.read_table(part.uri)
+        for row, image_id, uri, dup in zip(
+            tbl.column("row").to_pylist(), tbl.column("image_id").to_pylist(),
+            tbl.column("uri").to_pylist(), tbl.column("duplicate_of").to_pylist(),
+        ):
+            if done[row - listing.first_row]:
+                continue
+            vid = ids.get(image_id)
+            reason = None
+            if dup:
+                reason = f"duplicate image_id: {dup} has the same id"
+            elif vid is None:
+                reason = "not in the index (no vector with this image_id)"
+            elif vid not in where:
+                reason = "the index's embeddings folder does not hold this image's vector"
+            if reason:
+                err_rows.append(row)
+                err_ids.append(image_id)
+                err_uris.append(uri)
+                err_reasons.append(reason)
+                continue
+            p, pos = where[vid]
+            jobs.setdefault(p, []).append((row, pos, image_id, uri))
+    tasks = []
+    for p in sorted(jobs):
+        items = jobs[p]
+        for i in range(0, len(items), chunk_rows):
+            chunk = items[i : i + chunk_rows]
+            tasks.append({
+                "part_uri": parts[p],
+                "rows": np.array([c[0] for c in chunk], dtype=np.int64).tobytes(),
+                "positions": np.array([c[1] for c in chunk], dtype=np.int64).tobytes(),
+                "image_ids": json.dumps([c[2] for c in chunk]),
+                "uris": json.dumps([c[3] for c in chunk]),
+            })
+    errors = pa.table(
+        {"row": pa.array(err_rows, pa.int64()), "image_id": pa.array(err_ids, pa.string()),
+         "uri": pa.array(err_uris, pa.string()), "reason": pa.array(err_reasons, pa.string())},
+        schema=ERROR_SCHEMA,
+    )
+    return tasks, errors
+
+
+# ---------------------------------------------------------------------------------------------
+# Stages
+# ---------------------------------------------------------------------------------------------
+
+
+def load_inputs(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Ray Data task: stored vectors from one embeddings part, image bytes decoded at full size."""
+    from raysearch.embed import read_many, read_part
+
+    rows_out, ids_out, uris_out, pixels_out, vec_out, err_out = [], [], [], [], [], []
+    for part_uri, rows_b, pos_b, ids_j, uris_j in zip(
+        batch["part_uri"], batch["rows"], batch["positions"], batch["image_ids"], batch["uris"]
+    ):
+        rows = np.frombuffer(rows_b, dtype=np.int64)
+        positions = np.frombuffer(pos_b, dtype=np.int64)
+        image_ids, uris = json.loads(ids_j), json.loads(uris_j)
+        tbl = read_part(str(part_uri), columns=["embedding"]).take(pa.array(positions))
+        col = tbl.column("embedding").combine_chunks()
+        vectors = col.values.to_numpy(zero_copy_only=False).reshape(len(positions), col.type.list_size)
+        for i, data in enumerate(read_many(uris)):
+            pixels, error = np.zeros((1, 1, 3), np.uint8), ""
+            if isinstance(data, Exception):
+                error = f"unreadable: {type(data).__name__}: {data}"
+            else:
+                try:
+                    pixels = decode_image(data)
+                except DecodeError as e:
+                    error = e.reason
+            rows_out.append(rows[i])
+            ids_out.append(image_ids[i])
+            uris_out.append(uris[i])
+            pixels_out.append(pixels)
+            vec_out.append(vectors[i])
+            err_out.append(error)
+    pixels_arr = np.empty(len(pixels_out), dtype=object)
+    pixels_arr[:] = pixels_out
+    return {
+        "row": np.asarray(rows_out, dtype=np.int64),
+        "image_id": np.asarray(ids_out, dtype=object),
+        "uri": np.asarray(uris_out, dtype=object),
+        "pixels": pixels_arr,
+        "vector": np.asarray(vec_out, dtype=np.float32).reshape(len(vec_out), -1),
+        "error": np.asarray(err_out, dtype=object),
+    }
+
+
+class Activator:
+    """Loads the index's model and trained quantiser once; activates batches of images."""
+
+    def __init__(self, index_dir: str, config: dict, torch_threads: int | None = None):
+        import torch
+
+        from raysearch.activate.optimize import TorchTransform, split_pretransform
+        from raysearch.embed import Embedder
+
+        if torch_threads:
+            torch.set_num_threads(torch_threads)
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        store = IndexStore(index_dir, verify=False)
+        self.spec = store.model_spec
+        self.config = ActivateConfig(**config)
+        self.trained = store.load_trained()
+        check_quantising(self.trained, self.config.target)
+        chain, _ = split_pretransform(self.trained)
+        self.transform = TorchTransform(chain).to(self.device)
+        self.embedder = Embedder(self.spec.to_dict(), device=self.device)
+        self.model = self.embedder.model
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import torch
+        import torch.nn.functional as F
+
+        from raysearch.activate.optimize import activate_batch, quantised_targets
+
+        n = len(batch["row"])
+        errors = np.asarray(batch["error"], dtype=object).copy()
+        ok = [i for i in range(n) if not errors[i]]
+        out_pixels = np.empty(n, dtype=object)
+        out_pixels[:] = [np.zeros((1, 1, 3), np.uint8)] * n
+        stats = {k: np.full(n, np.nan) for k in ("psnr", "linf", "cos_before", "cos_after", "dist_before", "dist_after", "scale")}
+        if ok:
+            vectors = np.asarray(batch["vector"], dtype=np.float32)[ok]
+            targets = quantised_targets(self.trained, vectors, self.config.target)
+            images = [np.asarray(batch["pixels"][i], dtype=np.uint8) for i in ok]
+            results = activate_batch(
+                images, targets, self.model, self.spec.input_size, self.spec.resize,
+                self.config, transform=self.transform, device=self.device,
+            )
+            # Distances measured as the index will see the images: the stored vector before, and
+            # the activated image preprocessed exactly like a build after.
+            after = self.embedder.embed_pixels(np.stack([
+                resize_image(r.pixels, self.spec.input_size, self.spec.resize) for r in results  # type: ignore[arg-type]
+            ]))
+            with torch.no_grad():
+                t = F.normalize(torch.from_numpy(targets), dim=-1)
+                before_f = F.normalize(self.transform(torch.from_numpy(vectors).to(self.device)).cpu(), dim=-1)
+                after_f = F.normalize(self.transform(torch.from_numpy(after).to(self.device)).cpu(), dim=-1)
+                cos_b = (before_f * t).sum(-1).numpy()
+                cos_a = (after_f * t).sum(-1).numpy()
+            for j, i in enumerate(ok):
+                r = results[j]
+                out_pixels[i] = r.pixels
+                stats["psnr"][i] = r.psnr
+                stats["linf"][i] = r.linf
+                stats["scale"][i] = r.scale
+                stats["cos_before"][i] = cos_b[j]
+                stats["cos_after"][i] = cos_a[j]
+                stats["dist_before"][i] = float(np.sqrt(max(0.0, 2 - 2 * cos_b[j])))
+                stats["dist_after"][i] = float(np.sqrt(max(0.0, 2 - 2 * cos_a[j])))
+        originals = np.empty(n, dtype=object)
+        originals[:] = list(batch["pixels"])
+        return {
+            "row": batch["row"], "image_id": batch["image_id"], "uri": batch["uri"], "error": errors,
+            "pixels": out_pixels, "original": originals, **stats,
+        }
+
+
+def output_path(out_dir: str, image_id: str, fmt: str) -> str:
+    return storage.join(out_dir, "images", f"{image_id}.{fmt}")
+
+
+def write_outputs(batch: dict[str, np.ndarray], out_dir: str, fmt: str, quality: int) -> dict[str, np.ndarray]:
+    """Encode and write activated images, then their report rows (atomically, after the images)."""
+    from PIL import Image
+    from skimage.metrics import structural_similarity
+
+    from raysearch.embed import content_name, write_table
+
+    rows = np.asarray(batch["row"], dtype=np.int64)
+    errors = np.asarray(batch["error"], dtype=object)
+    ok = np.asarray([not e for e in errors], dtype=bool)
+    report: dict[str, list] = {name: [] for name in REPORT_SCHEMA.names}
+    for i in np.flatnonzero(ok):
+        pixels = np.asarray(batch["pixels"][i], dtype=np.uint8)
+        original = np.asarray(batch["original"][i], dtype=np.uint8)
+        buf = io.BytesIO()
+        if fmt == "png":
+            Image.fromarray(pixels).save(buf, format="PNG", compress_level=6)
+        else:
+            Image.fromarray(pixels).save(buf, format="JPEG", quality=quality)
+        target = output_path(out_dir, str(batch["image_id"][i]), fmt)
+        storage.makedirs(target.rsplit("/", 1)[0])
+        storage.atomic_write(target, buf.getvalue())
+        ssim = structural_similarity(original, pixels, channel_axis=2, data_range=255) if min(pixels.shape[:2]) >= 7 else float("nan")
+        report["row"].append(int(rows[i]))
+        report["image_id"].append(str(batch["image_id"][i]))
+        report["uri"].append(str(batch["uri"][i]))
+        report["output"].append(target)
+        report["ssim"].append(float(ssim))
+        for name in ("psnr", "cos_before", "cos_after", "dist_before", "dist_after", "scale"):
+            report[name].append(float(batch[name][i]))
+        report["linf"].append(int(batch["linf"][i]))
+    if ok.any():
+        write_table(storage.join(out_dir, "report", content_name(rows[ok])), pa.table(report, schema=REPORT_SCHEMA))
+    if (~ok).any():
+        tbl = pa.table(
+            {"row": pa.array(rows[~ok]), "image_id": pa.array([str(x) for x in batch["image_id"][~ok]], pa.string()),
+             "uri": pa.array([str(x) for x in batch["uri"][~ok]], pa.string()),
+             "reason": pa.array([str(x) for x in errors[~ok]], pa.string())},
+            schema=ERROR_SCHEMA,
+        )
+        write_table(storage.join(out_dir, "errors", content_name(rows[~ok])), tbl)
+    return {"n_ok": np.array([int(ok.sum())]), "n_errors": np.array([int((~ok).sum())])}
+
+
+# ---------------------------------------------------------------------------------------------
+# The pipeline
+# ---------------------------------------------------------------------------------------------
+
+
+def _run_record(store: IndexStore, source_spec: str, config: ActivatePipelineConfig) -> dict:
+    manifest_digest = storage.file_digest(storage.join(store.index_dir, "manifest.json"))[1]
+    return {
+        "index": store.index_dir,
+        "index_manifest_sha256": manifest_digest,
+        "source": source_spec,
+        "activate": dataclasses.asdict(config.activate),
+        "format": config.format,
+        "quality": config.quality,
+        "raysearch_version": __version__,
+    }
+
+
+def _same(a: dict, b: dict) -> bool:
+    keys = ("index_manifest_sha256", "source", "activate", "format", "quality")
+    return json.dumps({k: a.get(k) for k in keys}, sort_keys=True) == json.dumps({k: b.get(k) for k in keys}, sort_keys=True)
+
+
+def _done_mask(out_dir: str, listing: Listing) -> np.ndarray:
+    done = np.zeros(listing.n_rows, dtype=bool)
+    for kind in ("report", "errors"):
+        rows = read_rows_column(list_parts(out_dir, kind)) - listing.first_row
+        done[rows[(rows >= 0) & (rows < listing.n_rows)]] = True
+    return done
+
+
+def read_report(out_dir: str) -> pa.Table:
+    """Every report row of an activation folder, sorted by row."""
+    from raysearch.embed import read_part
+
+    tables = [read_part(u) for u in list_parts(out_dir, "report")]
+    return pa.concat_tables(tables).sort_by("row") if tables else REPORT_SCHEMA.empty_table()
+
+
+def activate_source(
+    index_dir: str, source_spec: str, out_dir: str, config: ActivatePipelineConfig = ActivatePipelineConfig(),
+    overwrite: bool = False,
+) -> ActivateSummary:
+    """Activate every image of `source_spec` that the index holds; write images and a report."""
+    import ray
+
+    from raysearch.embed import read_errors
+    from raysearch.runtime import cluster_cpus, cluster_gpus, configure_data_context, ensure_ray
+
+    start = time.perf_counter()
+    store = IndexStore(index_dir)
+    check_quantising(store.load_trained(), config.activate.target)
+    record = _run_record(store, source_spec, config)
+    run_uri = storage.join(out_dir, RUN_FILE)
+    if storage.exists(out_dir) and storage.listdir(out_dir):
+        if overwrite:
+            for name in storage.listdir(out_dir):
+                storage.remove(storage.join(out_dir, name), recursive=True)
+        elif not storage.exists(run_uri):
+            raise ValueError(f"--out {out_dir} is not empty; pass --overwrite to replace it")
+        elif not _same(storage.read_json(run_uri), record):
+            raise ActivationError(f"{out_dir} holds an activation with other arguments; use --overwrite to replace it")
+    storage.ensure_writable_dir(out_dir)
+    if storage.exists(run_uri):
+        listing = Listing.from_dict(storage.read_json(run_uri)["listing"])
+        resumed = True
+    else:
+        listing = write_listing(open_source(source_spec), storage.join(out_dir, "listing"))
+        if listing.n_rows == 0:
+            raise ValueError(f"source {source_spec!r} holds no images")
+        storage.atomic_write_json(run_uri, {**record, "listing": listing.to_dict()})
+        resumed = False
+    done_uri = storage.join(out_dir, DONE_FILE)
+    done = _done_mask(out_dir, listing) if resumed else np.zeros(listing.n_rows, bool)
+    n_skipped = int(done.sum())
+    if not (resumed and storage.exists(done_uri)):
+        tasks, plan_errors = plan_activation(store, listing, done, config.chunk_rows)
+        if plan_errors.num_rows:
+            from raysearch.embed import content_name, write_table
+
+            write_table(storage.join(out_dir, "errors", content_name(plan_errors.column("row").to_numpy())), plan_errors)
+        if tasks:
+            ensure_ray()
+            configure_data_context(config.progress)
+            gpus, cpus = cluster_gpus(), cluster_cpus()
+            if gpus >= 1:
+                concurrency, num_gpus, threads = config.concurrency or int(gpus), 1, None
+            else:
+                concurrency = config.concurrency or max(1, int(cpus // 4))
+                num_gpus, threads = 0, max(1, int(cpus // concurrency))
+            ds = ray.data.from_items(tasks, override_num_blocks=len(tasks))
+            ds = ds.map_batches(load_inputs, batch_size=1, num_cpus=1, memory=1 << 30)
+            ds = ds.map_batches(
+                Activator,
+                batch_size=config.batch_size,
+                fn_constructor_kwargs={"index_dir": store.index_dir, "config": dataclasses.asdict(config.activate), "torch_threads": threads},
+                compute=ray.data.ActorPoolStrategy(size=concurrency),
+                num_gpus=num_gpus,
+                num_cpus=1,
+            )
+            ds = ds.map_batches(
+                write_outputs, batch_size=config.batch_size, num_cpus=0,
+                fn_kwargs={"out_dir": out_dir, "fmt": config.format, "quality": config.quality},
+            )
+            for _ in ds.iter_batches(batch_size=None):
+                pass
+    done = _done_mask(out_dir, listing)
+    if not done.all():
+        raise ActivationError(f"{int((~done).sum())} images were not processed; rerun to resume")
+    report = read_report(out_dir)
+    n_errors = read_errors(out_dir).num_rows
+    elapsed = time.perf_counter() - start
+
+    def mean(col: str) -> float:
+        values = report.column(col).to_numpy() if report.num_rows else np.array([np.nan])
+        values = values[np.isfinite(values)]
+        return float(values.mean()) if values.size else float("nan")
+
+    summary = ActivateSummary(
+        out_dir=out_dir, n_images=listing.n_rows, n_activated=report.num_rows, n_errors=n_errors,
+        n_skipped=n_skipped, seconds=elapsed, mean_psnr=mean("psnr"), mean_ssim=mean("ssim"),
+        mean_cos_before=mean("cos_before"), mean_cos_after=mean("cos_after"),
+    )
+    storage.atomic_write_json(done_uri, {**dataclasses.asdict(summary), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+    if listing.n_rows and n_errors / listing.n_rows > config.max_error_rate:
+        raise ActivationError(
+            f"{n_errors} of {listing.n_rows} images could not be activated (> --max-error-rate "
+            f"{config.max_error_rate:.1%}); see {storage.join(out_dir, 'errors')}"
+        )
+    return summary

@@ -1,0 +1,58 @@
+"""`raysearch activate`."""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+from raysearch.cli.common import app, setup_logging, user_errors
+
+
+@app.command()
+@user_errors
+def activate(
+    index_dir: Annotated[str, typer.Argument(help="Index directory whose quantiser the images should suit (IVF/PQ).")],
+    source: Annotated[str, typer.Argument(help="The images to activate (their image_ids must be in the index).")],
+    out: Annotated[str, typer.Option("--out", "-o", help="Folder for activated images and the report.")],
+    iterations: Annotated[int, typer.Option(help="Optimisation steps (Adam).")] = 10,
+    lr: Annotated[float, typer.Option(help="Adam learning rate on the perturbation variable.")] = 1.0,
+    lambda_f: Annotated[float, typer.Option(help="Weight of the feature loss 1 - cos(f(x'), target).")] = 1.0,
+    lambda_i: Annotated[float, typer.Option(help="Weight of the image loss mean((x' - x)^2).")] = 0.2,
+    scaling: Annotated[float, typer.Option(help="Multiplier of the JND heatmap (perturbation budget).")] = 3.0,
+    target: Annotated[str, typer.Option(help="pq: the PQ reconstruction of the image's indexed vector; ivf: its IVF centroid.")] = "pq",
+    psnr: Annotated[Optional[float], typer.Option(help="PSNR floor in dB; perturbations are scaled down to meet it.")] = None,
+    format: Annotated[str, typer.Option("--format", help="png (keeps the perturbation) or jpg.")] = "png",
+    quality: Annotated[int, typer.Option(help="JPEG quality with --format jpg.")] = 95,
+    batch_size: Annotated[int, typer.Option(help="Images optimised together.")] = 8,
+    concurrency: Annotated[Optional[int], typer.Option(help="Activator actors (default: one per GPU).")] = None,
+    max_error_rate: Annotated[float, typer.Option(help="Fail if more than this share of images cannot be activated.")] = 0.05,
+    overwrite: Annotated[bool, typer.Option(help="Replace a non-empty --out.")] = False,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Perturb images imperceptibly so that the index finds their edited copies more often.
+
+    Publish the activated images instead of the originals; the index is not changed.
+    """
+    from raysearch.activate.optimize import ActivateConfig
+    from raysearch.activate.pipeline import ActivatePipelineConfig, activate_source
+
+    setup_logging(verbose)
+    config = ActivatePipelineConfig(
+        activate=ActivateConfig(iterations=iterations, lr=lr, lambda_f=lambda_f, lambda_i=lambda_i,
+                                scaling=scaling, target=target, psnr=psnr),
+        batch_size=batch_size, concurrency=concurrency, format=format, quality=quality,
+        max_error_rate=max_error_rate, progress=progress,
+    )
+    s = activate_source(index_dir, source, out, config, overwrite=overwrite)
+    typer.echo(
+        f"activated {s.n_activated} of {s.n_images} images ({s.n_errors} errors"
+        f"{f', {s.n_skipped} already done' if s.n_skipped else ''}) in {s.seconds:.1f} s, "
+        f"{s.images_per_second:.2f} images/s"
+    )
+    typer.echo(
+        f"PSNR {s.mean_psnr:.1f} dB, SSIM {s.mean_ssim:.3f}; cosine to target "
+        f"{s.mean_cos_before:.3f} -> {s.mean_cos_after:.3f}"
+    )
+    typer.echo(f"wrote {out}/images and {out}/report")

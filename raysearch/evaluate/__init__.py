@@ -1,0 +1,1 @@
+"""Evaluation: the field's retrieval metrics and the edit suite."""

@@ -1,0 +1,163 @@
+"""Activation: JND heatmaps, the PSNR floor, features pulled toward the index's quantisation."""
+
+from __future__ import annotations
+
+import faiss
+import numpy as np
+import pytest
+import torch
+
+from raysearch.activate.jnd import contrast_masking, jnd_heatmap, luminance, luminance_adaptation
+from raysearch.activate.optimize import (
+    ActivateConfig,
+    TorchTransform,
+    activate_batch,
+    check_quantising,
+    differentiable_resize,
+    psnr,
+    quantised_targets,
+    split_pretransform,
+)
+
+
+def test_jnd_is_positive_and_larger_on_texture_than_on_flat_regions():
+    rng = np.random.default_rng(0)
+    img = np.full((64, 128, 3), 0.5, np.float32)
+    img[:, 64:] = np.clip(0.5 + rng.uniform(-0.3, 0.3, size=(64, 64, 1)), 0, 1)  # textured right half
+    heat = jnd_heatmap(torch.from_numpy(img).permute(2, 0, 1)[None])[0, 0].numpy()
+    assert heat.shape == (64, 128) and (heat > 0).all()
+    flat, textured = heat[8:-8, 8:56], heat[8:-8, 72:-8]
+    assert textured.mean() > 2 * flat.mean()
+    assert flat.max() < 0.05  # a few grey levels on a flat mid-grey area
+
+
+def test_luminance_adaptation_tolerates_more_in_dark_and_bright_areas():
+    levels = torch.tensor([0.0, 64.0, 127.0, 200.0, 255.0]).view(1, 1, 1, 5).expand(1, 1, 8, 5).contiguous()
+    la = luminance_adaptation(levels.repeat_interleave(8, dim=3))[0, 0, 4, 4::8]  # band centres
+    assert la[0] > la[1] > la[2] and la[4] > la[3] > la[2]
+    assert contrast_masking(torch.full((1, 1, 8, 8), 100.0)).abs().max() < 1e-3
+
+
+def test_luminance_weights():
+    x = torch.ones(1, 3, 2, 2)
+    assert torch.allclose(luminance(x), torch.full((1, 1, 2, 2), 255.0), atol=1e-3)
+
+
+@pytest.mark.parametrize("policy", ["squash", "crop", "pad"])
+def test_differentiable_resize_matches_the_model_size_and_passes_gradients(policy):
+    x = torch.rand(1, 3, 50, 80, requires_grad=True)
+    out = differentiable_resize(x, 32, policy)
+    assert out.shape == (1, 3, 32, 32)
+    out.sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+def _trained_ivfpq(d: int = 32, n: int = 4000, seed: int = 0) -> tuple[faiss.Index, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    xt = rng.normal(size=(n, d)).astype(np.float32)
+    xt /= np.linalg.norm(xt, axis=1, keepdims=True)
+    index = faiss.index_factory(d, "IVF8,PQ4x4", faiss.METRIC_L2)
+    index.train(xt)
+    return index, xt
+
+
+def test_targets_are_the_indexed_codes_reconstruction_and_the_centroid():
+    index, xt = _trained_ivfpq()
+    x = xt[:5]
+    index.add(x)
+    ivf = faiss.extract_index_ivf(index)
+    ivf.make_direct_map()
+    np.testing.assert_allclose(quantised_targets(index, x, "pq"), index.reconstruct_n(0, 5), atol=1e-5)
+    _, assign = ivf.quantizer.search(x, 1)
+    np.testing.assert_allclose(quantised_targets(index, x, "ivf"), ivf.quantizer.reconstruct_batch(assign.ravel()), atol=1e-6)
+
+
+def test_flat_indexes_cannot_be_activated():
+    with pytest.raises(ValueError, match="stores vectors exactly"):
+        check_quantising(faiss.IndexFlatL2(8), "pq")
+    with pytest.raises(ValueError, match="try --target ivf"):
+        check_quantising(faiss.index_factory(8, "IVF2,Flat"), "pq")
+
+
+def test_torch_transform_matches_the_index_pretransform():
+    rng = np.random.default_rng(1)
+    xt = rng.normal(size=(2000, 16)).astype(np.float32)
+    index = faiss.index_factory(16, "PCAW8,L2norm,IVF4,PQ4x4", faiss.METRIC_L2)
+    index.train(xt)
+    chain, inner = split_pretransform(index)
+    expected = xt[:7]
+    for vt in chain:
+        expected = vt.apply(expected)
+    got = TorchTransform(chain)(torch.from_numpy(xt[:7])).numpy()
+    np.testing.assert_allclose(got, expected, atol=1e-4)
+
+
+class _TinyNet(torch.nn.Module):
+    """A small random CNN with GeM-like pooling: enough to have gradients w.r.t. pixels."""
+
+    def __init__(self, dim: int = 32):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv1 = torch.nn.Conv2d(3, 16, 5, stride=2)
+        self.conv2 = torch.nn.Conv2d(16, dim, 3, stride=2)
+
+    def forward(self, x):
+        x = torch.relu(self.conv2(torch.relu(self.conv1(x))))
+        return torch.nn.functional.normalize(x.clamp(min=1e-6).pow(3).mean(dim=(2, 3)).pow(1 / 3), dim=-1)
+
+
+@pytest.fixture(scope="module")
+def tiny_setup(photos):
+    from raysearch.images import resize_image
+
+    net = _TinyNet().eval()
+    rng = np.random.default_rng(0)
+    names = list(photos)
+    images = []
+    for i in range(6):
+        arr = photos[names[i]]
+        images.append(np.ascontiguousarray(arr[: min(arr.shape[0], 160), : min(arr.shape[1], 200)]))
+    crops = []
+    for _ in range(600):
+        arr = photos[names[rng.integers(len(names))]]
+        t, l = rng.integers(0, arr.shape[0] - 64), rng.integers(0, arr.shape[1] - 64)
+        crops.append(resize_image(np.ascontiguousarray(arr[t : t + 64, l : l + 64]), 64, "squash"))
+    with torch.no_grad():
+        xt = net(torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2).float() / 255).numpy()
+        x = net(torch.cat([differentiable_resize(torch.from_numpy(im).permute(2, 0, 1)[None].float() / 255, 64, "squash")
+                           for im in images])).numpy()
+    index = faiss.index_factory(32, "IVF4,PQ4x4", faiss.METRIC_L2)
+    index.train(xt)
+    return net, images, quantised_targets(index, x, "pq"), x
+
+
+def test_activation_moves_features_toward_the_target(tiny_setup):
+    net, images, targets, x = tiny_setup
+    before = np.sum(x / np.linalg.norm(x, axis=1, keepdims=True) * targets / np.linalg.norm(targets, axis=1, keepdims=True), axis=1)
+    out = activate_batch(images, targets, net, 64, "squash", ActivateConfig(iterations=10, lr=0.5))
+    assert len(out) == len(images)
+    for r, im, b in zip(out, images, before):
+        assert r.pixels.shape == im.shape and r.pixels.dtype == np.uint8
+        assert r.cos_after > r.cos_before
+        assert r.cos_before == pytest.approx(b, abs=1e-4)
+        assert r.linf > 0 and r.psnr < 80
+
+
+def test_psnr_floor_is_met_by_every_image(tiny_setup):
+    net, images, targets, _ = tiny_setup
+    strong = ActivateConfig(iterations=5, lr=1.0, lambda_i=0.0, scaling=30.0)
+    unconstrained = activate_batch(images, targets, net, 64, "squash", strong)
+    assert min(r.psnr for r in unconstrained) < 38
+    floored = activate_batch(images, targets, net, 64, "squash", ActivateConfig(**{**strong.__dict__, "psnr": 42.0}))
+    for r, im in zip(floored, images):
+        assert psnr(r.pixels, im) >= 42.0 and r.psnr >= 42.0
+        assert 0 < r.scale < 1
+
+
+def test_config_checks():
+    with pytest.raises(ValueError, match="--target"):
+        ActivateConfig(target="centroid")
+    with pytest.raises(ValueError, match="--psnr"):
+        ActivateConfig(psnr=5)
+    with pytest.raises(ValueError, match="images but"):
+        activate_batch([np.zeros((8, 8, 3), np.uint8)], np.zeros((2, 4), np.float32), _TinyNet(), 32, "squash")
