@@ -113,10 +113,10 @@ def query_cmd(
     """Search a running `raysearch serve` with query images; same output as `raysearch search`."""
     import httpx
 
-    from raysearch.search import check_k
-    from raysearch.serve.client import SearchClient, ServiceError
+    from raysearch.serve.client import MAX_K, SearchClient, ServiceError
 
-    check_k(k)
+    if not 1 <= k <= MAX_K:
+        raise ValueError(f"-k must be between 1 and {MAX_K}, got {k}")
     if concurrency < 1:
         raise ValueError(f"--concurrency must be >= 1, got {concurrency}")
 

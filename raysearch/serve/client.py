@@ -14,6 +14,9 @@ from typing import Any
 import httpx
 import numpy as np
 
+# The service's limit on k (raysearch.search.MAX_K, which imports torch; the client must stay light).
+MAX_K = 1000
+
 
 class ServiceError(RuntimeError):
     """The service refused or failed a request: HTTP status and its JSON error message."""

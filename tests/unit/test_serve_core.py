@@ -153,3 +153,10 @@ def test_serve_config_checks_and_args(monkeypatch):
 
 def test_shard_label():
     assert shard_label("shards/shard-00001.index") == "shard-00001"
+
+
+def test_client_knows_the_service_limit_on_k():
+    from raysearch.search import MAX_K
+    from raysearch.serve.client import MAX_K as CLIENT_MAX_K
+
+    assert CLIENT_MAX_K == MAX_K
