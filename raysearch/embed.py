@@ -342,6 +342,62 @@ def embeddings_matrix(tbl: pa.Table) -> np.ndarray:
     return col.values.to_numpy(zero_copy_only=False).reshape(-1, dim).astype(np.float32, copy=False)
 
 
+def write_embeddings(
+    embeddings_dir: str,
+    vectors: np.ndarray,
+    spec: ModelSpec,
+    image_ids: list[str] | None = None,
+    uris: list[str] | None = None,
+    part_rows: int = 4096,
+) -> dict:
+    """Write vectors computed elsewhere (or synthetic ones) as a complete embeddings folder that
+    `build_index` accepts: parts with rows 0..n-1, no errors, `embeddings.json` last.
+
+    vectors: (n, spec.dim) float32. image_ids default to "vec-00000000"-style names; uris default to
+    the image_ids. Returns the embeddings manifest.
+    """
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    if vectors.ndim != 2 or vectors.shape[1] != spec.dim:
+        raise ValueError(f"vectors must have shape (n, {spec.dim}) for model {spec.name}, got {vectors.shape}")
+    n = vectors.shape[0]
+    image_ids = image_ids if image_ids is not None else [f"vec-{i:08d}" for i in range(n)]
+    uris = uris if uris is not None else list(image_ids)
+    if len(image_ids) != n or len(uris) != n:
+        raise ValueError(f"need one image_id and uri per vector ({n}), got {len(image_ids)} and {len(uris)}")
+    storage.makedirs(storage.join(embeddings_dir, "parts"))
+    rows = np.arange(n, dtype=np.int64)
+    for start in range(0, n, part_rows):
+        stop = min(n, start + part_rows)
+        write_parts(
+            {
+                "row": rows[start:stop],
+                "image_id": np.asarray(image_ids[start:stop], dtype=object),
+                "uri": np.asarray(uris[start:stop], dtype=object),
+                "error": np.full(stop - start, "", dtype=object),
+                "embedding": vectors[start:stop],
+            },
+            embeddings_dir,
+        )
+    manifest = {
+        "format": "raysearch-embeddings/1",
+        "raysearch_version": __version__,
+        "source": "(vectors written directly)",
+        "model": spec.to_dict(),
+        "dim": spec.dim,
+        "n_images": n,
+        "first_row": 0,
+        "end_row": n,
+        "n_embedded": n,
+        "n_errors": 0,
+        "parts": [os.path.basename(p) for p in list_parts(embeddings_dir, "parts")],
+        "error_parts": [],
+        "seconds": 0.0,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    storage.atomic_write_json(storage.join(embeddings_dir, EMBEDDINGS_MANIFEST), manifest)
+    return manifest
+
+
 def load_embeddings_manifest(embeddings_dir: str) -> dict:
     uri = storage.join(embeddings_dir, EMBEDDINGS_MANIFEST)
     if not storage.exists(uri):
@@ -622,5 +678,6 @@ __all__ = [
     "list_parts",
     "load_and_decode",
     "read_errors",
+    "write_embeddings",
     "write_parts",
 ]

@@ -58,25 +58,28 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img
 
 
-def decode_image(data: bytes, draft_size: int | None = None) -> np.ndarray:
+def decode_image(data: bytes, draft_size: int | None = None, max_pixels: int | None = None) -> np.ndarray:
     """Decode image bytes to an RGB uint8 array of shape (H, W, 3).
 
     EXIF orientation is applied; grayscale, palette, CMYK, 16-bit and alpha images are converted
     (alpha composited on white); GIFs give their first frame. `draft_size` lets JPEG decoding
     shrink by DCT scaling while keeping both sides >= draft_size, which is much faster for
-    large photographs that will be resized anyway.
+    large photographs that will be resized anyway. `max_pixels` (default MAX_PIXELS) refuses larger
+    images from their header alone, before any pixel is decoded (a service lowers it to bound its
+    memory).
 
     Raises DecodeError for empty, truncated, corrupt, non-image or oversized inputs.
     """
     if not data:
         raise DecodeError("empty file (0 bytes)")
+    max_pixels = MAX_PIXELS if max_pixels is None else max_pixels
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data))
             w, h = img.size
-            if w * h > MAX_PIXELS:
-                raise DecodeError(f"image too large: {w}x{h} pixels (limit {MAX_PIXELS})")
+            if w * h > max_pixels:
+                raise DecodeError(f"image too large: {w}x{h} pixels (limit {max_pixels})")
             if draft_size and img.format == "JPEG":
                 img.draft("RGB", (draft_size, draft_size))
             img.load()

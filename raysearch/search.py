@@ -20,6 +20,7 @@ import numpy as np
 from raysearch import storage
 from raysearch.images import DecodeError, decode_image, resize_image
 from raysearch.index.store import IdMap, IndexStore
+from raysearch.models.registry import ModelSpec
 from raysearch.models.whitening import PreTransformParts, split_pretransform
 from raysearch.rerank import QueryExpansion, alpha_query_expansion
 
@@ -225,13 +226,7 @@ class Searcher:
             mask = (result.shard == s) & (result.ids >= 0)
             if not mask.any():
                 continue
-            pos = id_map.positions(result.ids[mask])
-            found = pos >= 0
-            sel_ids = np.asarray(id_map.image_ids.take(pos[found]).to_pylist(), dtype=object)
-            sel_uris = np.asarray(id_map.uris.take(pos[found]).to_pylist(), dtype=object)
-            target = np.flatnonzero(mask.ravel())[found]
-            image_ids.ravel()[target] = sel_ids
-            uris.ravel()[target] = sel_uris
+            image_ids[mask], uris[mask] = lookup_ids(id_map, result.ids[mask])
         return image_ids, uris
 
     def embedder(self):
@@ -244,8 +239,7 @@ class Searcher:
 
     def preprocess(self, data: bytes) -> np.ndarray:
         """Image bytes -> (S, S, 3) uint8, exactly as the build preprocessed (raises DecodeError)."""
-        spec = self.store.model_spec
-        return resize_image(decode_image(data, draft_size=spec.input_size), spec.input_size, spec.resize)  # type: ignore[arg-type]
+        return preprocess_image(data, self.store.model_spec)
 
     def embed_image_bytes(self, images: list[bytes]) -> np.ndarray:
         """Query image bytes -> (n, dim) vectors. Raises DecodeError for the first bad image."""
@@ -278,6 +272,29 @@ class Searcher:
         result.scores[bad] = np.nan
         result.shard[bad] = -1
         return result, problems
+
+
+def lookup_ids(id_map: IdMap, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Vector ids of one shard -> (image_ids, uris), object arrays shaped like `ids`; None for an
+    id the shard does not hold (or -1)."""
+    ids = np.asarray(ids, dtype=np.int64)
+    image_ids = np.full(ids.shape, None, dtype=object)
+    uris = np.full(ids.shape, None, dtype=object)
+    pos = id_map.positions(ids.ravel())
+    found = pos >= 0
+    if found.any():
+        image_ids.ravel()[found] = np.asarray(id_map.image_ids.take(pos[found]).to_pylist(), dtype=object)
+        uris.ravel()[found] = np.asarray(id_map.uris.take(pos[found]).to_pylist(), dtype=object)
+    return image_ids, uris
+
+
+def preprocess_image(data: bytes, spec: ModelSpec, max_pixels: int | None = None) -> np.ndarray:
+    """Image bytes -> (S, S, 3) uint8 pixels for `spec`, exactly as the build preprocessed them.
+
+    Raises DecodeError (with a reason) for anything that is not a usable picture.
+    """
+    arr = decode_image(data, draft_size=spec.input_size, max_pixels=max_pixels)
+    return resize_image(arr, spec.input_size, spec.resize)  # type: ignore[arg-type]
 
 
 def check_queries(xq: np.ndarray, dim: int) -> np.ndarray:

@@ -1,0 +1,171 @@
+"""Composing the Serve application for one index, and starting it.
+
+`build_app(config)` returns the bound application (Ingress <- QueryEmbedder + one ShardSearcher per
+shard); nothing runs until it is passed to `serve.run` (`start_service` does that) or deployed with
+`serve deploy cluster/serve_config.yaml`, whose `import_path` names `app_builder`.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+from raysearch.serve.config import ServeConfig
+from raysearch.serve.core import ResourcePlan, plan_resources, shard_label
+
+if TYPE_CHECKING:
+    from ray.serve import Application
+    from ray.serve.handle import DeploymentHandle
+
+    from raysearch.index.store import IndexStore
+
+log = logging.getLogger("raysearch.serve")
+
+# Replicas stop within this many seconds when the app is deleted or Serve shuts down.
+GRACEFUL_SHUTDOWN_S = 5.0
+
+
+def shard_deployment_name(i: int) -> str:
+    return f"ShardSearcher-{i:05d}"
+
+
+def index_info(store: "IndexStore", config: ServeConfig, plan: ResourcePlan) -> dict[str, Any]:
+    """What the Ingress needs to know about the index (and reports on GET /stats)."""
+    m = store.manifest
+    return {
+        "index_dir": store.index_dir,
+        "model": m["model"],
+        "dim": store.dim,
+        "metric": store.metric,
+        "count": store.ntotal,
+        "factory": m.get("factory"),
+        "nprobe": store.nprobe,
+        "nprobe_tuned": bool(m.get("search", {}).get("tuned", False)),
+        "shards": [{"name": shard_label(s.name), "count": s.ntotal} for s in store.shards],
+        "shard_names": [shard_label(s.name) for s in store.shards],
+        "replicas": {"ingress": config.replicas, "embedder": config.replicas, "shard": config.shard_replicas},
+        "resources": {
+            "ingress_cpus": plan.ingress_cpus, "embedder_cpus": plan.embedder_cpus,
+            "embedder_gpus": plan.embedder_gpus, "shard_cpus": plan.shard_cpus,
+        },
+        "limits": {
+            "max_body_bytes": config.max_body_bytes, "max_queries": config.max_queries,
+            "shard_timeout_s": config.shard_timeout_s, "max_image_pixels": config.max_image_pixels,
+        },
+    }
+
+
+def _cluster_resources() -> tuple[float, float]:
+    import ray
+
+    from raysearch.runtime import ensure_ray
+
+    ensure_ray()
+    resources = ray.cluster_resources()
+    return float(resources.get("CPU", 1.0)), float(resources.get("GPU", 0.0))
+
+
+def build_app(config: ServeConfig) -> "Application":
+    """The Serve application for `config.index_dir` (bound, not running).
+
+    Reads only the manifest here; each ShardSearcher replica opens (and checks) its own shard.
+    Resources left None in the config are sized to fit the Ray cluster as it is now.
+    """
+    from raysearch.serve.api import hash_api_key
+    from raysearch.index.store import IndexStore
+    from raysearch.serve.deployments import Ingress, QueryEmbedder, ShardSearcher
+
+    store = IndexStore(config.index_dir, verify=False)
+    needs_cluster = any(v is None for v in (config.ingress_cpus, config.embedder_cpus,
+                                            config.shard_cpus, config.embedder_gpus))
+    cpus, gpus = _cluster_resources() if needs_cluster else (0.0, 0.0)
+    plan = plan_resources(
+        len(store.shards), config.replicas, config.shard_replicas, cpus, gpus,
+        ingress_cpus=config.ingress_cpus, embedder_cpus=config.embedder_cpus,
+        embedder_gpus=config.embedder_gpus, shard_cpus=config.shard_cpus,
+        embed_threads=config.embed_threads, search_threads=config.search_threads,
+    )
+    log.info("serving %s: %d shards; %s", store.index_dir, len(store.shards), plan)
+    quiet = {"logging_config": {"enable_access_log": False}}  # internal calls: no line per query
+    common = {
+        "max_ongoing_requests": config.max_ongoing_requests,
+        "health_check_period_s": config.health_check_period_s,
+        "graceful_shutdown_timeout_s": GRACEFUL_SHUTDOWN_S,
+        "graceful_shutdown_wait_loop_s": 0.5,
+    }
+    embedder = QueryEmbedder.options(
+        num_replicas=config.replicas,
+        ray_actor_options={"num_cpus": plan.embedder_cpus, "num_gpus": plan.embedder_gpus},
+        **common, **quiet,
+    ).bind(
+        store.manifest["model"], "cuda" if plan.embedder_gpus > 0 else "cpu", plan.embed_threads,
+        config.embed_batch_size, config.embed_batch_wait_s,
+    )
+    shards = [
+        ShardSearcher.options(
+            name=shard_deployment_name(i),
+            num_replicas=config.shard_replicas,
+            ray_actor_options={"num_cpus": plan.shard_cpus},
+            **common, **quiet,
+        ).bind(store.index_dir, i, config.verify, plan.search_threads,
+               config.search_batch_size, config.search_batch_wait_s)
+        for i in range(len(store.shards))
+    ]
+    settings = {
+        "shard_timeout_s": config.shard_timeout_s,
+        "embed_timeout_s": config.embed_timeout_s,
+        "max_body_bytes": config.max_body_bytes,
+        "max_queries": config.max_queries,
+        "max_image_pixels": config.max_image_pixels,
+        "api_key_sha256": hash_api_key(config.api_key) if config.api_key else None,
+    }
+    return Ingress.options(
+        num_replicas=config.replicas,
+        ray_actor_options={"num_cpus": plan.ingress_cpus},
+        logging_config={"enable_access_log": config.access_log},
+        **common,
+    ).bind(embedder, shards, index_info(store, config, plan), settings)
+
+
+def app_builder(args: dict[str, Any]) -> "Application":
+    """Entry point for `serve deploy` / `serve run` config files (`import_path:
+    raysearch.serve.app:app_builder`); `args` are ServeConfig fields, `index_dir` required."""
+    return build_app(ServeConfig.from_args(args))
+
+
+def start_service(config: ServeConfig, address: str | None = None) -> "DeploymentHandle":
+    """Start Serve's HTTP proxy on config.host:config.port (Ray started or joined first), deploy
+    the application and wait until every replica is up. Returns the Ingress handle."""
+    from ray import serve
+
+    from raysearch.runtime import ensure_ray
+
+    ensure_ray(address)
+    serve.start(http_options={"host": config.host, "port": config.port})
+    _check_http_address(config)
+    return serve.run(build_app(config), name=config.app_name, route_prefix=config.route_prefix)
+
+
+def _check_http_address(config: ServeConfig) -> None:
+    """Serve keeps one HTTP address per Ray cluster; refuse to pretend we listen elsewhere."""
+    try:
+        from ray.serve.context import _get_global_client
+
+        current = _get_global_client().http_config
+    except Exception:  # noqa: BLE001 - private API: skip the check rather than fail
+        return
+    if (current.host, current.port) != (config.host, config.port):
+        raise ValueError(
+            f"Ray Serve already runs on this Ray cluster at {current.host}:{current.port}; "
+            f"it cannot also listen on {config.host}:{config.port} (use --port {current.port}, "
+            "or stop it with `serve shutdown`)"
+        )
+
+
+def service_url(config: ServeConfig) -> str:
+    host = "127.0.0.1" if config.host in ("0.0.0.0", "::", "") else config.host
+    host = f"[{host}]" if ":" in host else host
+    return f"http://{host}:{config.port}{config.route_prefix.rstrip('/')}"
+
+
+__all__ = ["app_builder", "build_app", "index_info", "service_url", "start_service"]

@@ -1,0 +1,207 @@
+"""The service's logic without Ray or HTTP: search one shard for a batch of requests, merge the
+shards' answers exactly, turn them into the JSON answer, and size the deployments.
+
+The Serve deployments (`deployments.py`) are thin wrappers around these functions, so each piece is
+testable on its own and behaves exactly like the in-process `raysearch.search.Searcher`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import faiss
+import numpy as np
+
+from raysearch.index.store import IdMap
+from raysearch.search import lookup_ids, merge_topk, search_index
+
+
+@dataclass
+class ShardQuery:
+    """One request's queries for one shard: xq (n, d) float32, k results each, optional nprobe."""
+
+    xq: np.ndarray
+    k: int
+    nprobe: int | None = None
+
+
+@dataclass
+class ShardHits:
+    """One shard's top-k for one request, each (n, k): scores float32 (NaN where no result), ids
+    int64 vector ids (-1 where no result), image_ids and uris object arrays (None where none)."""
+
+    scores: np.ndarray
+    ids: np.ndarray
+    image_ids: np.ndarray
+    uris: np.ndarray
+
+
+@dataclass
+class MergedHits:
+    """The global top-k of a request over the shards that answered, shaped like ShardHits."""
+
+    scores: np.ndarray
+    ids: np.ndarray
+    image_ids: np.ndarray
+    uris: np.ndarray
+
+
+class NoShardAnswered(RuntimeError):
+    """Not one shard answered: the service cannot give even a partial result."""
+
+
+def search_shard(
+    index: faiss.Index,
+    id_map: IdMap,
+    queries: list[ShardQuery],
+    metric: str,
+    default_nprobe: int | None,
+) -> list[ShardHits]:
+    """Answer a batch of requests on one shard with one FAISS call per distinct nprobe.
+
+    Requests that share an nprobe are stacked into one (sum n, d) matrix and searched with the
+    largest k among them: FAISS parallelises over the rows of a batch, and a request's top-k is
+    the first k columns of a larger top-k.
+    """
+    out: list[ShardHits | None] = [None] * len(queries)
+    groups: dict[int | None, list[int]] = {}
+    for i, q in enumerate(queries):
+        groups.setdefault(q.nprobe or default_nprobe, []).append(i)
+    for nprobe, members in groups.items():
+        xq = np.concatenate([queries[i].xq for i in members]).astype(np.float32, copy=False)
+        k_max = max(queries[i].k for i in members)
+        scores, ids = search_index(index, xq, k_max, nprobe, metric)
+        start = 0
+        for i in members:
+            n, k = queries[i].xq.shape[0], queries[i].k
+            s, ids_i = scores[start : start + n, :k], ids[start : start + n, :k]
+            start += n
+            s = np.where(ids_i < 0, np.float32(np.nan), s).astype(np.float32)
+            image_ids, uris = lookup_ids(id_map, ids_i)
+            out[i] = ShardHits(s, ids_i.astype(np.int64), image_ids, uris)
+    return out  # type: ignore[return-value]
+
+
+def merge_shard_hits(hits: list[ShardHits | None], k: int) -> MergedHits:
+    """Merge the shards' top-k lists into the global top-k, exactly as `Searcher.search` merges.
+
+    `hits` holds one entry per shard, None for a shard that did not answer (its results are then
+    simply absent; the caller reports the answer as partial). Raises NoShardAnswered if every
+    entry is None.
+    """
+    present = [h for h in hits if h is not None]
+    if not present:
+        raise NoShardAnswered("no shard answered")
+    nq = present[0].ids.shape[0]
+    # Merge on candidate positions instead of vector ids, so that every merged result points back
+    # at its shard's row (score, id, image_id, uri) in the concatenated candidate lists.
+    positions, offset = [], 0
+    for h in present:
+        width = h.ids.shape[1]
+        pos = np.broadcast_to(np.arange(offset, offset + width, dtype=np.int64), h.ids.shape)
+        positions.append(np.where(h.ids < 0, -1, pos))
+        offset += width
+    merged = merge_topk([h.scores for h in present], positions, k)
+    cand_ids = np.concatenate([h.ids for h in present], axis=1)
+    cand_image_ids = np.concatenate([h.image_ids for h in present], axis=1)
+    cand_uris = np.concatenate([h.uris for h in present], axis=1)
+    valid = merged.ids >= 0
+    take = np.where(valid, merged.ids, 0)
+    rows = np.arange(nq)[:, None]
+    ids = np.where(valid, cand_ids[rows, take], -1) if offset else np.full((nq, k), -1, np.int64)
+    image_ids = np.full((nq, k), None, dtype=object)
+    uris = np.full((nq, k), None, dtype=object)
+    if offset:
+        image_ids[valid] = cand_image_ids[rows, take][valid]
+        uris[valid] = cand_uris[rows, take][valid]
+    return MergedHits(merged.scores, ids.astype(np.int64), image_ids, uris)
+
+
+def hits_to_json(merged: MergedHits) -> list[list[dict[str, Any]]]:
+    """One list per query of {"rank", "id", "uri", "score"}, best first; empty slots are dropped."""
+    out = []
+    for q in range(merged.ids.shape[0]):
+        row = []
+        for r in range(merged.ids.shape[1]):
+            if merged.ids[q, r] < 0:
+                break
+            row.append({
+                "rank": r + 1,
+                "id": merged.image_ids[q, r],
+                "uri": merged.uris[q, r],
+                "score": float(merged.scores[q, r]),
+            })
+        out.append(row)
+    return out
+
+
+@dataclass(frozen=True)
+class ResourcePlan:
+    """Logical resources and threads per replica of each deployment."""
+
+    ingress_cpus: float
+    embedder_cpus: float
+    embedder_gpus: float
+    shard_cpus: float
+    embed_threads: int
+    search_threads: int
+
+
+# What each replica would like when the cluster has room: the ingress only parses and merges.
+WANTED_INGRESS_CPUS = 0.5
+WANTED_EMBEDDER_CPUS = 1.0
+WANTED_SHARD_CPUS = 1.0
+
+
+def plan_resources(
+    n_shards: int,
+    replicas: int,
+    shard_replicas: int,
+    cluster_cpus: float,
+    cluster_gpus: float,
+    ingress_cpus: float | None = None,
+    embedder_cpus: float | None = None,
+    embedder_gpus: float | None = None,
+    shard_cpus: float | None = None,
+    embed_threads: int | None = None,
+    search_threads: int | None = None,
+) -> ResourcePlan:
+    """Reserve resources so that every replica can start on the cluster as it is now.
+
+    Values given explicitly are kept. The CPU shares left to choose start from what each replica
+    would like and shrink together until the whole application fits the cluster's CPUs (on a
+    laptop, three shards and an embedder share two cores). The embedder gets one GPU per replica
+    when the cluster has enough, a share of one when it has fewer GPUs than replicas, none without.
+    """
+    if embedder_gpus is None:
+        embedder_gpus = 0.0 if cluster_gpus <= 0 else min(1.0, cluster_gpus / replicas)
+    wanted = {
+        "ingress": (ingress_cpus, WANTED_INGRESS_CPUS, replicas),
+        "embedder": (embedder_cpus, WANTED_EMBEDDER_CPUS, replicas),
+        "shard": (shard_cpus, WANTED_SHARD_CPUS, n_shards * shard_replicas),
+    }
+    fixed = sum(v * n for v, _, n in wanted.values() if v is not None)
+    flexible = sum(w * n for v, w, n in wanted.values() if v is None)
+    room = max(0.0, cluster_cpus - fixed)
+    scale = 1.0 if flexible <= room or flexible == 0 else room / flexible
+    chosen = {}
+    for name, (value, want, _) in wanted.items():
+        # Round down so that rounding never asks for more than the cluster has; keep a floor so
+        # that every replica reserves something (Ray then still spreads them over nodes).
+        chosen[name] = value if value is not None else max(0.01, math.floor(want * scale * 100) / 100)
+    return ResourcePlan(
+        ingress_cpus=chosen["ingress"],
+        embedder_cpus=chosen["embedder"],
+        embedder_gpus=float(embedder_gpus),
+        shard_cpus=chosen["shard"],
+        embed_threads=embed_threads or max(1, round(chosen["embedder"])),
+        search_threads=search_threads or max(1, round(chosen["shard"])),
+    )
+
+
+def shard_label(name: str) -> str:
+    """'shards/shard-00001.index' -> 'shard-00001', the name answers use for a shard."""
+    base = name.rsplit("/", 1)[-1]
+    return base[: -len(".index")] if base.endswith(".index") else base

@@ -1,0 +1,245 @@
+"""The Ray Serve deployments: QueryEmbedder, one ShardSearcher per shard, and the FastAPI Ingress.
+
+    HTTP -> Ingress (parse, decode) -> QueryEmbedder (@serve.batch: one forward pass for concurrent
+         queries) -> every ShardSearcher at once (@serve.batch: one FAISS call per batch) -> merge
+         the top-k exactly -> JSON
+
+Resources and replica counts are set by `raysearch.serve.app.build_app` with `.options(...)`; the
+decorators here only name the deployments. Defining these classes does nothing: Serve starts them
+when an application built from them is run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+from typing import Any
+
+import numpy as np
+from ray import serve
+
+from raysearch.serve.api import ApiError, ApiSettings, SearchAnswer, create_api
+from raysearch.serve.core import NoShardAnswered, ShardHits, ShardQuery, hits_to_json, merge_shard_hits, search_shard
+
+log = logging.getLogger("raysearch.serve")
+
+
+class _BatchLog:
+    """Sizes of the last batches a replica ran (shows in tests and /stats that batching happens)."""
+
+    def __init__(self, keep: int = 1000):
+        self.sizes: collections.deque[int] = collections.deque(maxlen=keep)
+
+    def add(self, n: int) -> None:
+        self.sizes.append(n)
+
+    def summary(self) -> dict[str, Any]:
+        sizes = list(self.sizes)
+        return {"batches": len(sizes), "max_batch": max(sizes, default=0),
+                "mean_batch": float(np.mean(sizes)) if sizes else 0.0}
+
+
+@serve.deployment(name="QueryEmbedder")
+class QueryEmbedder:
+    """The index's own model: (S, S, 3) uint8 pixels -> (dim,) float32 vector.
+
+    Concurrent calls are batched into one forward pass (on the GPU when the replica has one).
+    """
+
+    def __init__(self, model_spec: dict, device: str, torch_threads: int | None,
+                 max_batch_size: int, batch_wait_timeout_s: float):
+        from raysearch.embed import Embedder
+
+        self.embedder = Embedder(model_spec, device=device, torch_threads=torch_threads)
+        self.embed_batch.set_max_batch_size(max_batch_size)
+        self.embed_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
+        self.batches = _BatchLog()
+
+    async def embed(self, pixels: np.ndarray) -> np.ndarray:
+        return await self.embed_batch(pixels)
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
+    async def embed_batch(self, pixels: list[np.ndarray]) -> list[np.ndarray]:
+        self.batches.add(len(pixels))
+        # The forward pass runs in a thread (torch releases the GIL), so the replica keeps
+        # accepting requests and the next batch fills while this one computes.
+        vectors = await asyncio.to_thread(self.embedder.embed_pixels, np.stack(pixels))
+        return list(vectors)
+
+    def ping(self) -> bool:
+        return True
+
+    def batch_stats(self) -> dict[str, Any]:
+        return self.batches.summary()
+
+
+@serve.deployment(name="ShardSearcher")
+class ShardSearcher:
+    """One shard of the index, memory-mapped; answers ShardQuery -> ShardHits.
+
+    Concurrent requests are batched into one FAISS search (per distinct nprobe); vector ids are
+    mapped to image_id and uri here, next to the shard's own id map.
+    """
+
+    def __init__(self, index_dir: str, shard: int, verify: bool, search_threads: int,
+                 max_batch_size: int, batch_wait_timeout_s: float):
+        import faiss
+
+        from raysearch.index.store import IndexStore
+
+        faiss.omp_set_num_threads(search_threads)
+        store = IndexStore(index_dir, verify=verify)
+        self.shard = shard
+        self.index = store.load_shard(shard, mmap=True)
+        self.id_map = store.load_ids(shard)
+        self.metric = store.metric
+        self.default_nprobe = store.nprobe  # the tuned value from the manifest
+        self.search_batch.set_max_batch_size(max_batch_size)
+        self.search_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
+        self.batches = _BatchLog()
+
+    async def search(self, query: ShardQuery) -> ShardHits:
+        return await self.search_batch(query)
+
+    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.0)
+    async def search_batch(self, queries: list[ShardQuery]) -> list[ShardHits]:
+        self.batches.add(sum(q.xq.shape[0] for q in queries))
+        # FAISS releases the GIL: searching in a thread keeps the event loop free to queue the
+        # requests that form the next batch.
+        return await asyncio.to_thread(
+            search_shard, self.index, self.id_map, queries, self.metric, self.default_nprobe
+        )
+
+    def ping(self) -> bool:
+        return True
+
+    def batch_stats(self) -> dict[str, Any]:
+        return self.batches.summary()
+
+
+@serve.deployment(name="Ingress")
+@serve.ingress()
+class Ingress:
+    """Validates requests, embeds images, fans out to every shard, merges; serves the FastAPI app."""
+
+    def __init__(self, embedder, shards: list, index_info: dict[str, Any], settings: dict[str, Any]):
+        from raysearch.images import MAX_PIXELS
+        from raysearch.models.registry import ModelSpec
+
+        self.embedder = embedder
+        self.shards = shards
+        self.info = index_info
+        self.dim = int(index_info["dim"])
+        self.shard_names: list[str] = list(index_info["shard_names"])
+        self.model_spec = index_info["model"]
+        self.spec = ModelSpec.from_dict(self.model_spec)
+        self.shard_timeout_s = float(settings["shard_timeout_s"])
+        self.embed_timeout_s = float(settings["embed_timeout_s"])
+        self.max_image_pixels = int(settings.get("max_image_pixels", MAX_PIXELS))
+        self.api_settings = ApiSettings(
+            max_body_bytes=int(settings["max_body_bytes"]),
+            max_queries=int(settings["max_queries"]),
+            api_key_sha256=settings.get("api_key_sha256"),
+        )
+
+    def __serve_build_asgi_app__(self):
+        # Built per replica, after __init__: the routes close over this replica's handles.
+        return create_api(self, self.api_settings)
+
+    # -- the SearchBackend protocol -------------------------------------------------------
+
+    async def search_images(self, images: list[bytes], k: int, nprobe: int | None) -> SearchAnswer:
+        pixels = await asyncio.gather(*(asyncio.to_thread(self._preprocess, i, data, len(images) > 1)
+                                        for i, data in enumerate(images)))
+        calls = [self.embedder.embed.remote(p) for p in pixels]
+        try:
+            vectors = await asyncio.wait_for(asyncio.gather(*calls), self.embed_timeout_s)
+        except asyncio.TimeoutError:
+            for call in calls:
+                call.cancel()
+            raise ApiError(503, f"the query embedder did not answer within {self.embed_timeout_s:g} s") from None
+        except Exception as e:  # noqa: BLE001 - a dead or failing embedder replica: retryable
+            log.warning("query embedder failed: %s", e)
+            raise ApiError(503, f"the query embedder failed ({type(e).__name__}); retry shortly") from None
+        xq = np.stack(vectors).astype(np.float32)
+        if not np.isfinite(xq).all():
+            raise ApiError(422, "the model produced a non-finite embedding for this image")
+        return await self.search_vectors(xq, k, nprobe)
+
+    async def search_vectors(self, xq: np.ndarray, k: int, nprobe: int | None) -> SearchAnswer:
+        hits = await self._ask_shards(ShardQuery(xq, k, nprobe))
+        missing = [name for name, h in zip(self.shard_names, hits) if h is None]
+        try:
+            merged = merge_shard_hits(hits, k)
+        except NoShardAnswered:
+            raise ApiError(503, f"no shard answered within {self.shard_timeout_s:g} s",
+                           {"partial": True, "missing_shards": missing}) from None
+        # Re-ranking of the merged candidates (e.g. query expansion) belongs here, between the
+        # exact merge and the answer.
+        return SearchAnswer(hits_to_json(merged), partial=bool(missing), missing_shards=missing)
+
+    async def health(self) -> tuple[bool, dict[str, Any]]:
+        timeout = min(self.shard_timeout_s, 5.0)
+        embedder_ok, *shards_ok = await asyncio.gather(
+            self._ping(self.embedder, timeout), *(self._ping(h, timeout) for h in self.shards)
+        )
+        missing = [name for name, ok in zip(self.shard_names, shards_ok) if not ok]
+        info = {"shards": len(self.shards), "missing_shards": missing, "embedder": embedder_ok}
+        return embedder_ok and not missing, info
+
+    def stats(self) -> dict[str, Any]:
+        hidden = ("model", "shard_names")
+        return {k: v for k, v in self.info.items() if k not in hidden} | {"model": self.model_spec["name"]}
+
+    # -- helpers --------------------------------------------------------------------------
+
+    def _preprocess(self, i: int, data: bytes, several: bool) -> np.ndarray:
+        from raysearch.images import DecodeError
+        from raysearch.search import preprocess_image
+
+        try:
+            return preprocess_image(data, self.spec, max_pixels=self.max_image_pixels)
+        except DecodeError as e:
+            raise ApiError(400, f"{f'image {i}: ' if several else ''}{e.reason}") from None
+
+    async def _ask_shards(self, query: ShardQuery) -> list[ShardHits | None]:
+        """Ask every shard at once; a shard that fails or has not answered by the deadline is None."""
+        calls = [h.search.remote(query) for h in self.shards]
+        tasks = [asyncio.ensure_future(_result(call)) for call in calls]
+        done, pending = await asyncio.wait(tasks, timeout=self.shard_timeout_s)
+        for call, task in zip(calls, tasks):
+            if task in pending:
+                # Cancel the request itself too, so a late shard does not compute for nobody.
+                call.cancel()
+                task.cancel()
+                task.add_done_callback(_retrieve)
+        out: list[ShardHits | None] = []
+        for name, task in zip(self.shard_names, tasks):
+            if task in done and task.exception() is None:
+                out.append(task.result())
+            else:
+                if task in done:
+                    log.warning("shard %s failed: %s", name, task.exception())
+                out.append(None)
+        return out
+
+    @staticmethod
+    async def _ping(handle, timeout: float) -> bool:
+        call = handle.ping.remote()
+        try:
+            return bool(await asyncio.wait_for(_result(call), timeout))
+        except Exception:  # noqa: BLE001 - any failure means "not answering"
+            call.cancel()
+            return False
+
+
+async def _result(call):
+    """A DeploymentResponse as a coroutine (for asyncio.wait / wait_for)."""
+    return await call
+
+
+def _retrieve(task: asyncio.Task) -> None:
+    """Consume the outcome of an abandoned task (asyncio would log it as never retrieved)."""
+    if not task.cancelled():
+        task.exception()

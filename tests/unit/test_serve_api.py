@@ -1,0 +1,124 @@
+"""The HTTP layer's pure parts: JSON request parsing, the API-key and body-size middlewares."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+
+import httpx
+
+import numpy as np
+import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from raysearch.serve.api import ApiError, BearerAuth, BodySizeLimit, hash_api_key, parse_json_search
+
+DIM = 4
+
+
+def _body(**doc) -> bytes:
+    return json.dumps(doc).encode()
+
+
+def test_json_single_and_listed_queries():
+    one = parse_json_search(_body(vector=[1, 0, 0, 0], k=3), DIM, 8)
+    assert one.vectors.shape == (1, DIM) and one.vectors.dtype == np.float32
+    assert not one.as_list and one.k == 3 and one.nprobe is None
+    many = parse_json_search(_body(vector=[[1, 0, 0, 0], [0, 1, 0, 0]], nprobe=4), DIM, 8)
+    assert many.vectors.shape == (2, DIM) and many.as_list and many.k == 10 and many.nprobe == 4
+    img = parse_json_search(_body(image_b64=base64.b64encode(b"\x89PNG...").decode()), DIM, 8)
+    assert img.images == [b"\x89PNG..."] and not img.as_list
+    imgs = parse_json_search(_body(image_b64=[base64.b64encode(b"a").decode()] * 2), DIM, 8)
+    assert imgs.images == [b"a", b"a"] and imgs.as_list
+
+
+@pytest.mark.parametrize(
+    "body, status, message",
+    [
+        (b"{not json", 400, "not valid JSON"),
+        (_body(vector=[1, 2, 3]), 422, "shape (n, 4)"),
+        (_body(vector=[[1, 2, 3, 4], [1, 2]]), 422, "differ in length"),
+        (b'{"vector": [NaN, 0, 0, 0]}', 422, "NaN or inf"),
+        (_body(vector=[1, 0, 0, 0], k=0), 422, "k must be between 1 and 1000, got 0"),
+        (_body(vector=[1, 0, 0, 0], k=1001), 422, "k must be between 1 and 1000, got 1001"),
+        (_body(vector=[1, 0, 0, 0], nprobe=0), 422, "nprobe must be between"),
+        (_body(vector=[1, 0, 0, 0], path="/etc/passwd"), 422, "unknown field 'path'"),
+        (_body(vector=[1, 0, 0, 0], image_b64="aGk="), 422, "exactly one of"),
+        (_body(k=3), 422, "exactly one of"),
+        (_body(image_b64="%%%"), 400, "not valid base64"),
+        (_body(vector=[]), 422, "no query"),
+        (_body(vector=[[1, 0, 0, 0]] * 9), 422, "at most 8 queries"),
+        (b"[1, 2]", 422, "must be an object"),
+    ],
+)
+def test_json_bad_requests(body, status, message):
+    with pytest.raises(ApiError) as e:
+        parse_json_search(body, DIM, 8)
+    assert e.value.status == status
+    assert message in e.value.message
+
+
+async def _echo(request: Request) -> JSONResponse:
+    body = await request.body()
+    return JSONResponse({"bytes": len(body)})
+
+
+class _Client:
+    """Requests straight into the ASGI app (no server, no network)."""
+
+    def __init__(self, app):
+        self.app = app
+
+    def request(self, method: str, url: str, **kwargs) -> httpx.Response:
+        async def go():
+            transport = httpx.ASGITransport(app=self.app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+                return await client.request(method, url, **kwargs)
+
+        return asyncio.run(go())
+
+    def post(self, url: str, **kwargs) -> httpx.Response:
+        return self.request("POST", url, **kwargs)
+
+    def get(self, url: str, **kwargs) -> httpx.Response:
+        return self.request("GET", url, **kwargs)
+
+
+def _client(key: str | None = None, max_bytes: int = 100) -> _Client:
+    app = Starlette(routes=[Route("/search", _echo, methods=["POST"]), Route("/healthz", _echo, methods=["GET"])])
+    app.add_middleware(BodySizeLimit, max_bytes=max_bytes)
+    app.add_middleware(BearerAuth, key_sha256=hash_api_key(key) if key else None)
+    return _Client(app)
+
+
+def test_body_size_limit_by_header_and_while_streaming():
+    client = _client()
+    assert client.post("/search", content=b"x" * 100).json() == {"bytes": 100}
+    r = client.post("/search", content=b"x" * 101)
+    assert r.status_code == 413 and "limit of 100 bytes" in r.json()["error"]
+
+    async def chunks():  # no Content-Length: the limit is enforced while the body streams in
+        for _ in range(5):
+            yield b"x" * 30
+
+    r = client.post("/search", content=chunks())
+    assert r.status_code == 413 and "limit" in r.json()["error"]
+
+
+def test_api_key_is_required_except_for_health():
+    client = _client(key="s3cret")
+    r = client.post("/search", content=b"{}")
+    assert r.status_code == 401 and "missing API key" in r.json()["error"]
+    assert r.headers["www-authenticate"] == "Bearer"
+    r = client.post("/search", content=b"{}", headers={"Authorization": "Bearer wrong"})
+    assert r.status_code == 401 and r.json()["error"] == "invalid API key"
+    r = client.post("/search", content=b"{}", headers={"Authorization": "Basic czNjcmV0"})
+    assert r.status_code == 401
+    assert client.post("/search", content=b"{}", headers={"Authorization": "Bearer s3cret"}).status_code == 200
+    assert client.get("/healthz").status_code == 200
+    # Without a configured key, nothing is asked.
+    assert _client().post("/search", content=b"{}").status_code == 200
