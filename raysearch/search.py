@@ -20,7 +20,7 @@ import numpy as np
 from raysearch import storage
 from raysearch.images import DecodeError, decode_image, resize_image
 from raysearch.index.store import IdMap, IndexStore
-from raysearch.models.registry import ModelSpec
+from raysearch.models.spec import ModelSpec
 from raysearch.models.whitening import PreTransformParts, split_pretransform
 from raysearch.rerank import QueryExpansion, alpha_query_expansion
 

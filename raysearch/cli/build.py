@@ -81,7 +81,7 @@ def quality_options(whiten: bool, whiten_on: Optional[str], whiten_dim: Optional
 
 def model_config(model: str, weights: Optional[str], pooling: Optional[str], input_size: Optional[int], resize: Optional[str],
                  scales: Optional[str] = None):
-    from raysearch.models.registry import ModelConfig
+    from raysearch.models.spec import ModelConfig
 
     return ModelConfig(name=model, weights=weights, pooling=pooling, input_size=input_size, resize=resize,
                        scales=parse_scales(scales))

@@ -36,7 +36,7 @@ from raysearch.evaluate.groundtruth import (
     read_labels,
     read_revisited_ground_truth,
 )
-from raysearch.models.registry import ModelSpec
+from raysearch.models.spec import ModelSpec
 from raysearch.rerank import QueryExpansion
 from raysearch.search import SearchResult, Searcher
 

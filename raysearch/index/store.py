@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 
 from raysearch import __version__, storage
 from raysearch.errors import IndexFormatError
-from raysearch.models.registry import ModelSpec
+from raysearch.models.spec import ModelSpec
 
 MANIFEST = "manifest.json"
 FORMAT = "raysearch-index/1"

@@ -13,7 +13,7 @@ import hashlib
 import os
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -21,57 +21,9 @@ import torch.nn.functional as F
 
 from raysearch.images import RESIZE_POLICIES
 from raysearch.models import backbones
-from raysearch.models.names import DEFAULT_MODEL, TORCHSCRIPT_PREFIX
+from raysearch.models.names import DEFAULT_MODEL, TORCHSCRIPT_PREFIX  # noqa: F401 - re-exported
+from raysearch.models.spec import IMAGENET_MEAN, IMAGENET_STD, ModelConfig, ModelSpec
 from raysearch.models.pooling import POOLINGS, pool
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    """What the user asked for; None means "the registry's default for this model"."""
-
-    name: str = DEFAULT_MODEL
-    weights: str | None = None
-    pooling: str | None = None
-    gem_p: float = 3.0
-    input_size: int | None = None
-    resize: str | None = None
-    scales: tuple[float, ...] = (1.0,)
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """A fully resolved model: everything needed to rebuild it and preprocess for it."""
-
-    name: str
-    dim: int
-    input_size: int
-    resize: str
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    pooling: str | None
-    gem_p: float
-    weights: str | None
-    weights_sha256: str | None
-    scales: tuple[float, ...] = (1.0,)
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "ModelSpec":
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - fields
-        if unknown:
-            raise ValueError(f"model spec has unknown fields {sorted(unknown)}")
-        d = dict(d)
-        for key in ("mean", "std", "scales"):
-            if key in d and d[key] is not None:
-                d[key] = tuple(d[key])
-        return cls(**d)
-
 
 @dataclass(frozen=True)
 class _Entry:

@@ -125,7 +125,7 @@ class Ingress:
 
     def __init__(self, embedder, shards: list, index_info: dict[str, Any], settings: dict[str, Any]):
         from raysearch.images import MAX_PIXELS
-        from raysearch.models.registry import ModelSpec
+        from raysearch.models.spec import ModelSpec
 
         self.embedder = embedder
         self.shards = shards
