@@ -34,6 +34,7 @@ TrainSizeOpt = Annotated[Optional[int], typer.Option(help="Training sample size 
 NprobeOpt = Annotated[Optional[int], typer.Option(help="Fixed nprobe / efSearch instead of tuning.")]
 RecallOpt = Annotated[float, typer.Option(help="Recall@10 the tuned nprobe must reach.")]
 SeedOpt = Annotated[int, typer.Option(help="Seed for sampling and k-means.")]
+TrainOnOpt = Annotated[str, typer.Option(help="Where k-means runs: auto (FAISS GPU, else torch on CUDA, else CPU), cpu, faiss-gpu, torch or torch:DEVICE.")]
 
 
 def model_config(model: str, weights: Optional[str], pooling: Optional[str], input_size: Optional[int], resize: Optional[str]) -> ModelConfig:
@@ -41,10 +42,11 @@ def model_config(model: str, weights: Optional[str], pooling: Optional[str], inp
 
 
 def index_config(index: str, metric: str, max_index_memory: str, shards: int, merge: bool,
-                 train_size: Optional[int], nprobe: Optional[int], target_recall: float, seed: int) -> IndexConfig:
+                 train_size: Optional[int], nprobe: Optional[int], target_recall: float, seed: int,
+                 train_on: str = "auto") -> IndexConfig:
     return IndexConfig(
         factory=index, metric=metric, max_memory=max_index_memory, shards=shards, merge=merge,
-        train_size=train_size, nprobe=nprobe, target_recall=target_recall, seed=seed,
+        train_size=train_size, nprobe=nprobe, target_recall=target_recall, seed=seed, train_on=train_on,
     )
 
 
@@ -54,6 +56,16 @@ def print_index_summary(manifest: dict) -> None:
         f"index: {manifest['factory']} ({manifest['factory_reason']}); {manifest['n_vectors']} vectors "
         f"in {len(shards)} shard{'s' if len(shards) != 1 else ''}; nprobe {manifest['search'].get('nprobe')}"
     )
+    search = manifest["search"]
+    if search.get("tuned"):
+        reached = "" if search.get("reached") else f" (target {search['target_recall']} not reachable with these codes)"
+        typer.echo(
+            f"tuned: {search['param']} {search['nprobe']} gives recall@{search['k']} {search['recall_at_k']:.3f} "
+            f"on {search['n_queries']} held-out queries{reached}"
+        )
+    train = manifest.get("build", {}).get("train")
+    if train and train.get("backend") not in (None, "none"):
+        typer.echo(f"trained on {train['n_train']} vectors with {train['backend']} ({train['device']}) in {train['seconds']:.1f} s")
 
 
 @app.command()
@@ -75,6 +87,7 @@ def build(
     nprobe: NprobeOpt = None,
     target_recall: RecallOpt = 0.95,
     seed: SeedOpt = 1234,
+    train_on: TrainOnOpt = "auto",
     batch_size: BatchOpt = 32,
     concurrency: ConcurrencyOpt = None,
     max_error_rate: MaxErrOpt = 0.05,
@@ -95,7 +108,7 @@ def build(
         model=model_config(model, weights, pooling, input_size, resize), batch_size=batch_size,
         concurrency=concurrency, max_error_rate=max_error_rate, progress=progress,
     )
-    index_cfg = index_config(index, metric, max_index_memory, shards, merge, train_size, nprobe, target_recall, seed)
+    index_cfg = index_config(index, metric, max_index_memory, shards, merge, train_size, nprobe, target_recall, seed, train_on)
     if address:
         ensure_ray(address)
     result = run_build(source, out, embed_cfg, index_cfg, overwrite=overwrite)
@@ -125,18 +138,23 @@ def index_cmd(
     nprobe: NprobeOpt = None,
     target_recall: RecallOpt = 0.95,
     seed: SeedOpt = 1234,
+    train_on: TrainOnOpt = "auto",
     overwrite: Annotated[bool, typer.Option(help="Replace the contents of a non-empty --out.")] = False,
     address: AddressOpt = None,
     verbose: VerboseOpt = False,
 ) -> None:
-    """Build an index from existing embeddings alone (no images are read)."""
+    """Build an index from existing embeddings alone (no images are read).
+
+    The index is trained once on a sample, filled by --shards Ray tasks in parallel, optionally
+    merged, and its nprobe tuned to reach --target-recall; see docs/index.md.
+    """
     from raysearch import storage
     from raysearch.build import prepare_output_dir
     from raysearch.index.build import build_index
     from raysearch.runtime import ensure_ray
 
     setup_logging(verbose)
-    cfg = index_config(index, metric, max_index_memory, shards, merge, train_size, nprobe, target_recall, seed)
+    cfg = index_config(index, metric, max_index_memory, shards, merge, train_size, nprobe, target_recall, seed, train_on)
     if address:
         ensure_ray(address)
     # Rebuilding in place (EMBEDDINGS inside --out) must never delete the embeddings themselves.
