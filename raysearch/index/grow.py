@@ -194,7 +194,8 @@ def add_images(index_dir: str, source: str, config: AddConfig = AddConfig()) -> 
 
     from raysearch.runtime import ensure_ray
 
-    store = IndexStore(index_dir, verify=True)   # a damaged index is refused before any work
+    store = IndexStore(index_dir, verify=True)
+    store.verify_files()   # a damaged index is refused before any work
     index_dir = store.index_dir
     manifest = dict(store.manifest)
     storage.ensure_writable_dir(index_dir)

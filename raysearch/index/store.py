@@ -191,6 +191,12 @@ class IndexStore:
         verify_file(self.index_dir, name, expected, checksum=self.verify)
         return local_file(self.index_dir, name, expected)
 
+    def verify_files(self) -> None:
+        """Check every file the manifest lists (size and checksum); IndexFormatError names the
+        first one that does not match."""
+        for name, expected in self._files.items():
+            verify_file(self.index_dir, name, expected, checksum=True)
+
     def load_shard(self, i: int, mmap: bool = True) -> faiss.Index:
         shard = self.shards[i]
         index = read_index_file(self._checked_local(shard.name), mmap=mmap)
