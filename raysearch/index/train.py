@@ -15,7 +15,9 @@ else the CPU. Every path is seeded: the same sample and seed give the same quant
 
 from __future__ import annotations
 
+import glob
 import logging
+import sys
 import time
 from dataclasses import dataclass
 
@@ -58,6 +60,9 @@ def faiss_gpus() -> int:
 
 
 def torch_cuda_available() -> bool:
+    # On Linux a machine without /dev/nvidia* has no CUDA device: skip importing torch (seconds).
+    if sys.platform.startswith("linux") and "torch" not in sys.modules and not glob.glob("/dev/nvidia[0-9]*"):
+        return False
     import torch
 
     return bool(torch.cuda.is_available())
