@@ -29,6 +29,13 @@ def three_node_cluster():
     for _ in range(2):
         cluster.add_node(num_cpus=1)
     cluster.wait_for_nodes()
+    # Cluster records its address as "the current cluster" for every ray.init() on this machine;
+    # drop that record so other Ray users (and test sessions) do not join this test's cluster.
+    from ray._private.utils import get_ray_address_file
+
+    address_file = get_ray_address_file(None)
+    if os.path.exists(address_file) and open(address_file).read().strip() == cluster.address:
+        os.remove(address_file)
     try:
         ensure_ray(cluster.address)
         yield cluster
