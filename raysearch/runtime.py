@@ -29,6 +29,9 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
 
     if address is None and num_cpus is not None:
         kwargs["num_cpus"] = num_cpus
+        # Asking for a CPU count means a cluster of our own: without "local", ray.init() would join
+        # any cluster `ray start` (or a test's ray.cluster_utils.Cluster) left on this machine.
+        address = "local"
     # Ship the package's environment variables for S3 endpoints and credentials to every worker.
     env = {k: v for k, v in os.environ.items() if k.startswith(("AWS_", "FSSPEC_", "RAYSEARCH_"))}
     if env:

@@ -90,6 +90,37 @@ def search_index(index: faiss.Index, xq: np.ndarray, k: int, nprobe: int | None,
     return distances_to_scores(D, metric), I
 
 
+def search_shards(
+    shards: list[faiss.Index], xq: np.ndarray, k: int, nprobe: int | None, metric: str
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Search every shard and merge the top-k exactly, in the distance domain: (D, I, shard), each
+    (nq, k); D float32 (squared L2 or inner product, NaN where no result), I int64 (-1 where no
+    result), shard int32 (-1 where no result).
+
+    Every shard holds vectors quantised by the same trained index, so the shards' top-k lists
+    merged by distance are exactly the top-k of one index holding all of them.
+    """
+    largest_first = metric != "l2"
+    D_list, I_list, S_list = [], [], []
+    for s, index in enumerate(shards):
+        set_search_params(index, nprobe)
+        D, I = index.search(np.ascontiguousarray(xq, dtype=np.float32), k)
+        D_list.append(D)
+        I_list.append(I)
+        S_list.append(np.full(I.shape, s, dtype=np.int32))
+    if not shards:
+        empty = np.full((xq.shape[0], k), -1, dtype=np.int64)
+        return np.full(empty.shape, np.nan, np.float32), empty, empty.astype(np.int32)
+    D = np.concatenate(D_list, axis=1)
+    I = np.concatenate(I_list, axis=1)
+    S = np.concatenate(S_list, axis=1)
+    key = np.where(I < 0, np.inf, -D if largest_first else D)
+    order = np.argsort(key, axis=1, kind="stable")[:, :k]
+    D, I, S = (np.take_along_axis(a, order, axis=1) for a in (D, I, S))
+    missing = I < 0
+    return np.where(missing, np.float32(np.nan), D).astype(np.float32), I.astype(np.int64), np.where(missing, -1, S).astype(np.int32)
+
+
 class VectorLookup:
     """Database vectors of one shard by vector id, reconstructed by the index (in its own space).
 
@@ -177,6 +208,8 @@ class Searcher:
         xq = check_queries(xq, self.dim)
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
+        if nprobe is not None and nprobe < 1:
+            raise ValueError(f"--nprobe must be >= 1, got {nprobe}")
         qe = self.query_expansion if query_expansion is None else (query_expansion or None)
         nprobe = nprobe or self.store.nprobe
         if xq.shape[0] == 0:

@@ -25,6 +25,9 @@ os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
 os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
 os.environ["AWS_ENDPOINT_URL"] = f"http://127.0.0.1:{_S3_PORT}"
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+# OpenMP threads that spin while waiting (the default) slow FAISS and torch several-fold when the
+# test machine's cores are shared; waiting threads sleep instead. Set before faiss/torch load.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 @pytest.fixture(scope="session")

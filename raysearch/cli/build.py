@@ -32,6 +32,7 @@ TrainSizeOpt = Annotated[Optional[int], typer.Option(help="Training sample size 
 NprobeOpt = Annotated[Optional[int], typer.Option(help="Fixed nprobe / efSearch instead of tuning.")]
 RecallOpt = Annotated[float, typer.Option(help="Recall@10 the tuned nprobe must reach.")]
 SeedOpt = Annotated[int, typer.Option(help="Seed for sampling and k-means.")]
+TrainOnOpt = Annotated[str, typer.Option(help="Where k-means runs: auto (FAISS GPU, else torch on CUDA, else CPU), cpu, faiss-gpu, torch or torch:DEVICE.")]
 
 # Retrieval-quality options (see docs/evaluate.md for what each does and costs).
 ScalesOpt = Annotated[Optional[str], typer.Option(help="Multi-scale extraction: comma-separated scales combined by GeM, e.g. '1,0.7071,0.5' (cost: ~1.75x embedding time).")]
@@ -89,12 +90,13 @@ def model_config(model: str, weights: Optional[str], pooling: Optional[str], inp
 
 def index_config(index: str, metric: str, max_index_memory: str, shards: int, merge: bool,
                  train_size: Optional[int], nprobe: Optional[int], target_recall: float, seed: int,
-                 whitening=None):
+                 whitening=None, train_on: str = "auto"):
     from raysearch.index.build import IndexConfig
 
     return IndexConfig(
         factory=index, metric=metric, max_memory=max_index_memory, shards=shards, merge=merge,
         train_size=train_size, nprobe=nprobe, target_recall=target_recall, seed=seed, whitening=whitening,
+        train_on=train_on,
     )
 
 
@@ -114,6 +116,16 @@ def print_index_summary(manifest: dict) -> None:
         extras.append(f"default alpha-QE k={manifest['query_expansion']['k']} alpha={manifest['query_expansion']['alpha']:g}")
     if extras:
         typer.echo("quality: " + "; ".join(extras))
+    search = manifest["search"]
+    if search.get("tuned"):
+        reached = "" if search.get("reached") else f" (target {search['target_recall']} not reachable with these codes)"
+        typer.echo(
+            f"tuned: {search['param']} {search['nprobe']} gives recall@{search['k']} {search['recall_at_k']:.3f} "
+            f"on {search['n_queries']} held-out queries{reached}"
+        )
+    train = manifest.get("build", {}).get("train")
+    if train and train.get("backend") not in (None, "none"):
+        typer.echo(f"trained on {train['n_train']} vectors with {train['backend']} ({train['device']}) in {train['seconds']:.1f} s")
 
 
 @app.command()
@@ -144,6 +156,7 @@ def build(
     dba_alpha: DbaAlphaOpt = 3.0,
     qe: QeOpt = 0,
     qe_alpha: QeAlphaOpt = 3.0,
+    train_on: TrainOnOpt = "auto",
     batch_size: BatchOpt = 32,
     concurrency: ConcurrencyOpt = None,
     max_error_rate: MaxErrOpt = 0.05,
@@ -166,7 +179,7 @@ def build(
         concurrency=concurrency, max_error_rate=max_error_rate, progress=progress,
     )
     whitening, dba_cfg, qe_cfg = quality_options(whiten, whiten_on, whiten_dim, whiten_shrinkage, dba, dba_alpha, qe, qe_alpha)
-    index_cfg = index_config(index, metric, max_index_memory, shards, merge, train_size, nprobe, target_recall, seed, whitening)
+    index_cfg = index_config(index, metric, max_index_memory, shards, merge, train_size, nprobe, target_recall, seed, whitening, train_on)
     if address:
         ensure_ray(address)
     result = run_build(source, out, embed_cfg, index_cfg, overwrite=overwrite, dba=dba_cfg, query_expansion=qe_cfg)
@@ -204,18 +217,23 @@ def index_cmd(
     dba_alpha: DbaAlphaOpt = 3.0,
     qe: QeOpt = 0,
     qe_alpha: QeAlphaOpt = 3.0,
+    train_on: TrainOnOpt = "auto",
     overwrite: Annotated[bool, typer.Option(help="Replace the contents of a non-empty --out.")] = False,
     address: AddressOpt = None,
     verbose: VerboseOpt = False,
 ) -> None:
-    """Build an index from existing embeddings alone (no images are read)."""
+    """Build an index from existing embeddings alone (no images are read).
+
+    The index is trained once on a sample, filled by --shards Ray tasks in parallel, optionally
+    merged, and its nprobe tuned to reach --target-recall; see docs/index.md.
+    """
     from raysearch import storage
     from raysearch.build import index_embeddings, prepare_output_dir
     from raysearch.runtime import ensure_ray
 
     setup_logging(verbose)
     whitening, dba_cfg, qe_cfg = quality_options(whiten, whiten_on, whiten_dim, whiten_shrinkage, dba, dba_alpha, qe, qe_alpha)
-    cfg = index_config(index, metric, max_index_memory, shards, merge, train_size, nprobe, target_recall, seed, whitening)
+    cfg = index_config(index, metric, max_index_memory, shards, merge, train_size, nprobe, target_recall, seed, whitening, train_on)
     if address:
         ensure_ray(address)
     # Rebuilding in place (EMBEDDINGS inside --out) must never delete the embeddings themselves.

@@ -1,14 +1,23 @@
-"""Building an index directory from an embeddings folder: choose, train once, add in shards, merge.
+"""Building an index directory from an embeddings folder: choose, check, train once, add in shards,
+merge, tune.
 
-    choose factory -> sample -> train (GPU when present) -> trained.index
-                   -> N Ray tasks: add a slice of the parts each -> shards/shard-*.index + id maps
-                   -> optionally merge the shards into one -> tune nprobe -> manifest.json (last)
+    Parquet footers: sizes, dimensions           (no vectors read)
+    choose the factory; check it can be trained  (before anything is read)
+    check   N Ray tasks read every vector once: NaN/inf and dimensions refused, the seeded
+            training sample and tuning queries picked out
+    train   once, on a GPU when there is one            -> trained.index
+    add     N Ray tasks (spread over nodes) add their rows to copies of the trained index and
+            find the tuning queries' exact neighbours   -> shards/shard-*.index + id maps
+    merge   optionally, inverted lists appended into one index
+    tune    smallest nprobe / efSearch reaching --target-recall on the held-out queries
+    manifest.json, written last and atomically, with every file's size and checksum
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import tempfile
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -21,25 +30,37 @@ import pyarrow.parquet as pq
 from raysearch import storage
 from raysearch.embed import list_parts, load_embeddings_manifest, read_errors
 from raysearch.index import factory as fac
-from raysearch.index.merge import merge_into
-from raysearch.index.shards import add_shard, plan_shards, read_vectors, write_idmap, write_index
+from raysearch.index.merge import is_fastscan, merge_into, to_searchable
+from raysearch.index.shards import (
+    add_shard,
+    merge_knn,
+    pick_rows,
+    plan_shards,
+    read_vectors,
+    write_idmap,
+    write_index,
+)
 from raysearch.index.store import (
     ERRORS_FILE,
     TRAINED_INDEX,
     describe_files,
+    read_index_file,
     shard_ids_name,
     shard_name,
     write_manifest,
 )
+from raysearch.index.train import check_train_on, faiss_gpus, train_index, train_serialized
+from raysearch.index.tune import TuneResult, drop_self, search_param, tune, tune_queries_count
 from raysearch.runtime import Timer
 
 log = logging.getLogger("raysearch")
 METRICS = {"l2": faiss.METRIC_L2, "ip": faiss.METRIC_INNER_PRODUCT}
+TUNE_K = 10
 
 
 @dataclass(frozen=True)
 class IndexConfig:
-    """How to build the index. See `raysearch build --help` for the meaning of each option."""
+    """How to build the index. See `raysearch index --help` for the meaning of each option."""
 
     factory: str = "auto"
     metric: str = "l2"          # on L2-normalised vectors, L2 ranks exactly like inner product
@@ -48,9 +69,12 @@ class IndexConfig:
     merge: bool = False
     train_size: int | None = None
     seed: int = 1234
-    nprobe: int | None = None   # fix nprobe instead of tuning it
+    nprobe: int | None = None   # fix nprobe / efSearch instead of tuning it
     target_recall: float = 0.95
     tune: bool = True
+    train_on: str = "auto"      # auto, cpu, faiss-gpu, torch or torch:DEVICE
+    tune_queries: int | None = None   # default: min(1000, N/10)
+    cpus_per_shard: int | None = None  # default: the cluster's CPUs shared among the shards
     whitening: Any = None       # raysearch.models.whitening.WhiteningConfig: PCA-whitening in front of the index
 
     def __post_init__(self) -> None:
@@ -65,6 +89,11 @@ class IndexConfig:
             raise ValueError(f"--nprobe must be >= 1, got {self.nprobe}")
         if not 0.0 < self.target_recall <= 1.0:
             raise ValueError(f"--target-recall must be in (0, 1], got {self.target_recall}")
+        check_train_on(self.train_on)
+        if self.tune_queries is not None and self.tune_queries < 1:
+            raise ValueError(f"--tune-queries must be >= 1, got {self.tune_queries}")
+        if self.cpus_per_shard is not None and self.cpus_per_shard < 1:
+            raise ValueError(f"--cpus-per-shard must be >= 1, got {self.cpus_per_shard}")
 
 
 def part_sizes(parts: list[str]) -> list[int]:
@@ -85,7 +114,8 @@ def part_dim(uri: str) -> int:
 
 
 def sample_vectors(parts: list[str], sizes: list[int], n_sample: int, dim: int, seed: int) -> np.ndarray:
-    """A uniform random sample of `n_sample` vectors, reading only the parts that hold sampled rows."""
+    """A uniform random sample of `n_sample` vectors, read in this process (reads every part that
+    holds a sampled row; `build_index` samples inside its parallel check pass instead)."""
     total = sum(sizes)
     rng = np.random.default_rng(seed)
     chosen = np.sort(rng.choice(total, size=min(n_sample, total), replace=False))
@@ -101,6 +131,18 @@ def sample_vectors(parts: list[str], sizes: list[int], n_sample: int, dim: int, 
     return np.ascontiguousarray(np.concatenate(out)) if out else np.empty((0, dim), np.float32)
 
 
+def choose_positions(n: int, n_train: int, n_queries: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded random positions (0..n-1, sorted) of the training sample and the tuning queries,
+    disjoint unless the collection is too small to hold both."""
+    rng = np.random.default_rng(seed)
+    n_train, n_queries = min(n_train, n), min(n_queries, n)
+    if n_train + n_queries <= n:
+        picked = rng.choice(n, size=n_train + n_queries, replace=False)
+        return np.sort(picked[:n_train]), np.sort(picked[n_train:])
+    train = rng.choice(n, size=n_train, replace=False)
+    return np.sort(train), np.sort(rng.choice(n, size=n_queries, replace=False))
+
+
 def make_index(factory: str, dim: int, metric: str) -> faiss.Index:
     try:
         return faiss.index_factory(dim, factory, METRICS[metric])
@@ -109,27 +151,69 @@ def make_index(factory: str, dim: int, metric: str) -> faiss.Index:
         raise ValueError(f"--index {factory!r} is not a valid FAISS factory string for dim {dim}: {first}") from e
 
 
-def train_index(index: faiss.Index, xt: np.ndarray, seed: int) -> faiss.Index:
-    """Train `index` on `xt` (CPU FAISS; seeded so a rebuild gives the same quantiser)."""
-    if index.is_trained:
-        return index
-    need = fac.min_training_vectors(index)
-    if xt.shape[0] < need:
-        raise ValueError(
-            f"the index needs at least {need} training vectors, only {xt.shape[0]} are available; "
-            "choose a smaller nlist/PQ (or --index auto)"
-        )
-    fac.set_training_seed(index, seed)
-    index.train(xt)
-    return index
-
-
 def default_nprobe(index: faiss.Index) -> int | None:
+    """Untuned fallback: sqrt(nlist)."""
     try:
         nlist = faiss.extract_index_ivf(index).nlist
     except RuntimeError:
         return None
     return int(max(1, min(nlist, round(nlist ** 0.5))))
+
+
+def is_exact(index: faiss.Index) -> bool:
+    base = faiss.downcast_index(index)
+    return isinstance(base, faiss.IndexFlat)
+
+
+def task_cpus(n_tasks: int, requested: int | None = None) -> int:
+    """CPUs each of `n_tasks` builder tasks reserves: the cluster's CPUs shared among them, no more
+    than the largest node has (a task runs on one node)."""
+    if requested:
+        return requested
+    import ray
+
+    node_cpus = [float(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n.get("Alive")]
+    if not node_cpus or max(node_cpus) < 1:
+        return 1
+    return int(max(1, min(sum(node_cpus) // max(1, n_tasks), max(node_cpus))))
+
+
+def check_parts(embeddings_dir: str) -> tuple[dict, list[str], list[int], int]:
+    """(embeddings manifest, parts, their sizes, dim) from the footers; refuses empty sets and
+    parts whose dimension or count disagree with the embeddings manifest."""
+    emb = load_embeddings_manifest(embeddings_dir)
+    parts = list_parts(embeddings_dir, "parts")
+    sizes = part_sizes(parts)
+    n = sum(sizes)
+    dim = int(emb["dim"])
+    if n == 0:
+        raise ValueError(f"{embeddings_dir} holds no embeddings (every image failed; see its error table)")
+    for uri in parts:
+        d = part_dim(uri)
+        if d != dim:
+            raise ValueError(f"{uri} holds {d}-d vectors but {embeddings_dir} declares {dim}-d embeddings")
+    if "n_embedded" in emb and int(emb["n_embedded"]) != n:
+        raise ValueError(
+            f"{embeddings_dir}: the parts hold {n} vectors, its manifest says {emb['n_embedded']} "
+            "(parts added or removed after the run)"
+        )
+    return emb, parts, sizes, dim
+
+
+def _slices_with_offsets(parts: list[str], plan: list[list[tuple[int, int, int]]], sizes: list[int]):
+    """Per task: [(part uri, start, stop)] and the global positions [lo, hi) its rows cover."""
+    starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+    out = []
+    for shard_plan in plan:
+        slices = [(parts[p], lo, hi) for p, lo, hi in shard_plan]
+        if shard_plan:
+            p0, lo0, _ = shard_plan[0]
+            p1, _, hi1 = shard_plan[-1]
+            span = (int(starts[p0] + lo0), int(starts[p1] + hi1))
+        else:
+            span = (0, 0)
+        out.append((slices, span))
+    return out
 
 
 def build_index(
@@ -144,80 +228,101 @@ def build_index(
     from raysearch.runtime import ensure_ray
 
     timer = Timer()
-    emb = load_embeddings_manifest(embeddings_dir)
-    parts = list_parts(embeddings_dir, "parts")
-    sizes = part_sizes(parts)
+    emb, parts, sizes, dim = check_parts(embeddings_dir)
     n = sum(sizes)
-    dim = int(emb["dim"])
-    if n == 0:
-        raise ValueError(f"{embeddings_dir} holds no embeddings (every image failed; see its error table)")
-    for uri in parts:
-        if part_dim(uri) != dim:
-            raise ValueError(f"{uri} holds {part_dim(uri)}-d vectors but the embeddings are {dim}-d")
 
     whitener, whitening_record, index_dim = None, None, dim
     if config.whitening is not None:
-        from raysearch.models.whitening import learn_whitening, wrap_index
+        from raysearch.models.whitening import learn_whitening
 
         storage.makedirs(index_dir)
         with timer("whiten"):
             whitener, whitening_record = learn_whitening(config.whitening, embeddings_dir, index_dir, config.seed)
         index_dim = whitener.d_out
+    estimated = None
     if config.factory == "auto":
         choice = fac.choose_factory(n, index_dim, config.max_memory)
-        factory, reason = choice.factory, choice.reason
+        factory, reason, estimated = choice.factory, choice.reason, choice.estimated_bytes
     else:
         factory, reason = config.factory, "given with --index"
     log.info("index: %s (%s)", factory, reason)
     index = make_index(factory, index_dim, config.metric)
     if whitener is not None:
+        from raysearch.models.whitening import wrap_index
+
         index = wrap_index(whitener, index)  # every shard then whitens its queries itself
-    if config.merge and "HNSW" in factory:
+    if config.merge and config.shards > 1 and "HNSW" in factory:
         raise ValueError("--merge is not possible for HNSW graphs; build with --shards 1 or keep the shards")
+    n_train = 0 if index.is_trained else min(config.train_size or fac.training_size(index, n), n)
+    need = fac.min_training_vectors(index)
+    if not index.is_trained and n_train < need:
+        raise ValueError(
+            f"--index {factory!r} needs at least {need} training vectors, but only {n_train} are "
+            f"available ({n} vectors{', --train-size ' + str(config.train_size) if config.train_size else ''}); "
+            "use fewer lists/codes or --index auto"
+        )
+    tuning = config.tune and config.nprobe is None and not is_exact(index) and n > TUNE_K + 1
+    n_queries = (config.tune_queries or tune_queries_count(n)) if tuning else 0
+    train_pos, query_pos = choose_positions(n, n_train, n_queries, config.seed)
+    wanted = np.union1d(train_pos, query_pos)
+
+    ensure_ray()
+    plan = plan_shards(sizes, config.shards)
+    tasks = _slices_with_offsets(parts, plan, sizes)
+    cpus = task_cpus(config.shards, config.cpus_per_shard)
+    spread = {"scheduling_strategy": "SPREAD"}
+
+    with timer("check"):
+        remote_pick = ray.remote(num_cpus=cpus, **spread)(pick_rows)
+        picked = ray.get([
+            remote_pick.remote(slices, dim, wanted[(wanted >= a) & (wanted < b)], a, cpus)
+            for slices, (a, b) in tasks
+        ])
+    if sum(p["n"] for p in picked) != n:
+        raise RuntimeError(f"the check pass read {sum(p['n'] for p in picked)} vectors, expected {n}")
+    x_wanted = np.concatenate([p["x"] for p in picked]) if picked else np.empty((0, dim), np.float32)
+    rows_wanted = np.concatenate([p["rows"] for p in picked]) if picked else np.empty(0, np.int64)
+    del picked
+    xt = np.ascontiguousarray(x_wanted[np.isin(wanted, train_pos)])
+    in_queries = np.isin(wanted, query_pos)
+    xq, q_rows = np.ascontiguousarray(x_wanted[in_queries]), rows_wanted[in_queries]
+    del x_wanted
 
     with timer("train"):
-        n_train = config.train_size or fac.training_size(index, n)
-        need = fac.min_training_vectors(index)
-        if min(n_train, n) < need:
-            raise ValueError(
-                f"--index {factory!r} needs at least {need} training vectors, but only "
-                f"{min(n_train, n)} are available; use fewer lists/codes or --index auto"
-            )
-        xt = sample_vectors(parts, sizes, n_train, dim, config.seed) if not index.is_trained else None
-        if xt is not None:
-            train_index(index, xt, config.seed)
+        train_report = _train(index, xt, config)
+        index = train_report.pop("index")
+    del xt
     storage.makedirs(index_dir)
     trained_bytes = faiss.serialize_index(index).tobytes()
     write_index(index, storage.join(index_dir, TRAINED_INDEX))
 
-    plan = plan_shards(sizes, config.shards)
+    merging = config.merge and config.shards > 1
     with timer("add"):
-        ensure_ray()
-        remote_add = ray.remote(num_cpus=1)(add_shard)
+        remote_add = ray.remote(num_cpus=cpus, **spread)(add_shard)
         trained_ref = ray.put(trained_bytes)
-        refs = []
-        for i, shard_plan in enumerate(plan):
-            slices = [(parts[p], lo, hi) for p, lo, hi in shard_plan]
-            refs.append(
-                remote_add.remote(
-                    trained_ref, slices, dim,
-                    storage.join(index_dir, shard_name(i)), storage.join(index_dir, shard_ids_name(i)),
-                )
+        # Exact neighbours for tuning are found in the space the index compares (whitened if it whitens).
+        xq_ref = ray.put(xq) if len(xq) else None
+        refs = [
+            remote_add.remote(
+                trained_ref, slices, dim, storage.join(index_dir, shard_name(i)),
+                storage.join(index_dir, shard_ids_name(i)), merging, cpus, xq_ref, TUNE_K + 1, config.metric,
+                whitener is not None,
             )
+            for i, (slices, _) in enumerate(tasks)
+        ]
         results = ray.get(refs)
     shard_counts = [r["ntotal"] for r in results]
     if sum(shard_counts) != n:
         raise RuntimeError(f"shards hold {sum(shard_counts)} vectors, expected {n}")
-
     shard_entries = [
         {"name": shard_name(i), "ids_name": shard_ids_name(i), "ntotal": c} for i, c in enumerate(shard_counts)
     ]
-    if config.merge and config.shards > 1:
+    if merging:
         with timer("merge"):
-            shard_entries = [merge_shards(index_dir, shard_entries)]
+            shard_entries = [merge_shards(index_dir, shard_entries, to_fastscan=is_fastscan(index))]
 
-    nprobe = config.nprobe or default_nprobe(index)
-    search_info: dict[str, Any] = {"nprobe": nprobe, "tuned": False}
+    with timer("tune"):
+        search_info = _search_settings(index_dir, shard_entries, index, config, xq, q_rows, results)
 
     errors = read_errors(embeddings_dir)
     buf = pa.BufferOutputStream()
@@ -233,17 +338,27 @@ def build_index(
         "score": "1 - squared L2 distance / 2 (cosine for unit vectors)" if config.metric == "l2" else "inner product",
         "factory": factory,
         "factory_reason": reason,
+        "estimated_bytes": estimated,
         "trained_index": TRAINED_INDEX,
-        "train_size": 0 if xt is None else int(xt.shape[0]),
+        "train_size": int(train_report["n_train"]),
         "seed": config.seed,
         "n_images": int(emb["n_images"]),
         "n_vectors": n,
         "n_errors": int(emb["n_errors"]),
         "next_row": int(emb.get("end_row", emb["n_images"])),
         "embeddings": [_relative_or_absolute(index_dir, embeddings_dir)],
+        "errors_files": [ERRORS_FILE],
         "shards": shard_entries,
-        "merged": bool(config.merge and config.shards > 1),
+        "merged": merging,
         "search": search_info,
+        "build": {
+            "train": train_report,
+            "cpus_per_task": cpus,
+            "shard_tasks": [
+                {"shard": i, "node_id": r.get("node_id"), "ntotal": r["ntotal"], "seconds": round(r["seconds"], 3)}
+                for i, r in enumerate(results)
+            ],
+        },
         "timings": {k: round(v, 3) for k, v in timer.seconds.items()},
         "files": describe_files(index_dir, names),
         **({"whitening": whitening_record} if whitening_record else {}),
@@ -253,10 +368,82 @@ def build_index(
     return manifest
 
 
-def merge_shards(index_dir: str, shard_entries: list[dict]) -> dict:
-    """Merge every shard into shard 0 (in memory), write it, remove the others."""
-    import tempfile
+def _train(index: faiss.Index, xt: np.ndarray, config: IndexConfig) -> dict:
+    """Train here, or in a Ray task on a GPU node when this process sees no GPU but the cluster
+    has one and --train-on allows a GPU. Returns the train report with the trained "index"."""
+    if index.is_trained:
+        return {"backend": "none", "device": "cpu", "n_train": 0, "seconds": 0.0, "index": index}
+    wants_gpu = config.train_on in ("auto", "faiss-gpu", "torch") or config.train_on.startswith("torch:cuda")
+    if wants_gpu and not _local_gpu():
+        from raysearch.runtime import cluster_gpus
 
+        if cluster_gpus() >= 1:
+            import ray
+
+            remote = ray.remote(num_gpus=1, num_cpus=1)(train_serialized)
+            trained, report = ray.get(
+                remote.remote(faiss.serialize_index(index).tobytes(), xt, config.seed, config.train_on)
+            )
+            report["where"] = "ray task on a GPU node"
+            return {**report, "index": faiss.deserialize_index(np.frombuffer(trained, dtype=np.uint8))}
+    report = train_index(index, xt, config.seed, config.train_on).to_dict()
+    return {**report, "where": "driver", "index": index}
+
+
+def _local_gpu() -> bool:
+    if faiss_gpus() > 0:
+        return True
+    from raysearch.index.train import torch_cuda_available
+
+    return torch_cuda_available()
+
+
+def open_shard_files(index_dir: str, entries: list[dict], tmp: str) -> list[faiss.Index]:
+    """The shards just written, memory-mapped where local (copied to `tmp` when remote)."""
+    out = []
+    for e in entries:
+        path = storage.local_copy(storage.join(index_dir, e["name"]), tmp)
+        out.append(read_index_file(path, mmap=True))
+    return out
+
+
+def _search_settings(
+    index_dir: str, entries: list[dict], trained: faiss.Index, config: IndexConfig,
+    xq: np.ndarray, q_rows: np.ndarray, results: list[dict],
+) -> dict[str, Any]:
+    """manifest["search"]: the tuned nprobe/efSearch and its recall curve, or the fixed value."""
+    if config.nprobe is not None:
+        return {"nprobe": config.nprobe, "param": search_param(trained)[0], "tuned": False, "fixed": True}
+    if is_exact(trained):
+        return {"nprobe": None, "param": None, "tuned": False, "exact": True}
+    if not len(xq):
+        return {"nprobe": default_nprobe(trained), "param": search_param(trained)[0], "tuned": False}
+    largest_first = config.metric != "l2"
+    D, I = merge_knn([r["D"] for r in results], [r["I"] for r in results], TUNE_K + 1, largest_first)
+    truth = drop_self(I, q_rows, TUNE_K)
+    param, values = search_param(trained)
+    from raysearch.search import search_shards
+
+    with tempfile.TemporaryDirectory(prefix="raysearch-tune-") as tmp:
+        shards = open_shard_files(index_dir, entries, tmp)
+        result: TuneResult = tune(
+            lambda q, k, v: search_shards(shards, q, k, v, config.metric)[1],
+            xq, q_rows, truth, param, values, config.target_recall, TUNE_K,
+        )
+        del shards
+    if not result.reached:
+        log.warning(
+            "recall@%d %.3f: the target %.3f is out of reach for %s (codes too coarse); using %s=%s",
+            TUNE_K, result.recall, config.target_recall, type(trained).__name__, result.param, result.value,
+        )
+    return result.to_manifest()
+
+
+def merge_shards(index_dir: str, shard_entries: list[dict], to_fastscan: bool = False) -> dict:
+    """Merge every shard into shard 0 (in memory), write it, remove the others.
+
+    Shards built for merging hold plain inverted lists; fast-scan indexes are packed after the merge.
+    """
     first = shard_entries[0]
     id_tables = []
     with tempfile.TemporaryDirectory(prefix="raysearch-merge-") as tmp:
@@ -269,6 +456,10 @@ def merge_shards(index_dir: str, shard_entries: list[dict]) -> dict:
                 continue
             src_path = storage.local_copy(storage.join(index_dir, entry["name"]), tmp)
             merge_into(merged, faiss.read_index(src_path))
+            if src_path.startswith(tmp):
+                os.unlink(src_path)
+    if to_fastscan:
+        merged = to_searchable(merged)
     write_index(merged, storage.join(index_dir, first["name"]))
     write_idmap(storage.join(index_dir, first["ids_name"]), id_tables)
     for entry in shard_entries[1:]:

@@ -4,6 +4,11 @@ Every builder starts from the same trained, empty index, so the shards differ on
 they hold, and searching all shards and merging the top-k gives what one index over every vector
 gives. A builder holds one Parquet part at a time plus its growing shard: its memory is bounded by
 its share of the collection, never the whole of it.
+
+Before training, `pick_rows` reads every vector once in the same parallel layout: it refuses NaN/inf
+and wrong dimensions (so no training is wasted on data that cannot be indexed) and picks out the
+seeded training sample and tuning queries. While adding, each builder also finds the tuning
+queries' exact neighbours among its rows, so tuning costs no extra pass over the data.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from raysearch import storage
+from raysearch.index.merge import is_fastscan, to_mergeable, to_searchable
 from raysearch.index.store import IDMAP_SCHEMA
 
 
@@ -82,10 +88,16 @@ def ensure_ids(index: faiss.Index) -> faiss.Index:
 
 
 def read_vectors(part: str, start: int, stop: int, dim: int) -> tuple[np.ndarray, pa.Table]:
-    """Vectors (n, dim) float32 and the (row, image_id, uri) columns of rows [start, stop) of a part."""
+    """Vectors (n, dim) float32 and the (row, image_id, uri) columns of rows [start, stop) of a part.
+
+    Raises ValueError naming the part (and the row) for a wrong dimension or a NaN/inf vector.
+    """
     fs, path = storage.get_fs(part)
-    with fs.open(path, "rb") as f:
-        tbl = pq.read_table(f).slice(start, stop - start)
+    try:
+        with fs.open(path, "rb") as f:
+            tbl = pq.read_table(f).slice(start, stop - start)
+    except OSError as e:
+        raise OSError(f"cannot read embeddings part {part}: {e}") from e
     col = tbl.column("embedding").combine_chunks()
     if col.type.list_size != dim:
         raise ValueError(f"{part} holds {col.type.list_size}-d vectors, the index is {dim}-d")
@@ -97,25 +109,142 @@ def read_vectors(part: str, start: int, stop: int, dim: int) -> tuple[np.ndarray
     return np.ascontiguousarray(x), tbl.select(["row", "image_id", "uri"])
 
 
+def _use_threads(threads: int | None) -> None:
+    # Ray starts workers with OMP_NUM_THREADS = the task's CPUs, but a reused worker keeps the
+    # thread count of its first task: set it for this one.
+    if threads:
+        faiss.omp_set_num_threads(int(threads))
+
+
+def _node_id() -> str | None:
+    try:
+        import ray
+
+        if ray.is_initialized():
+            return ray.get_runtime_context().get_node_id()
+    except Exception:  # noqa: BLE001 - outside a Ray worker there is no node to report
+        pass
+    return None
+
+
 def add_shard(
     trained: bytes | np.ndarray,
     slices: list[tuple[str, int, int]],
     dim: int,
     index_uri: str,
     ids_uri: str,
+    mergeable: bool = False,
+    threads: int | None = None,
+    xq: np.ndarray | None = None,
+    k: int = 0,
+    metric: str = "l2",
+    exact_in_index_space: bool = False,
 ) -> dict:
     """Build one shard: add the slices' vectors (ids = listing rows) to a copy of the trained index
-    and write the shard index and its id map atomically. Returns {"ntotal", "seconds"}."""
+    and write the shard index and its id map atomically.
+
+    `mergeable` writes the shard in the form whose inverted lists FAISS can merge (fast-scan
+    indexes are kept as plain IVF-PQ until merged). With queries `xq`, also finds their exact top-k
+    among the shard's vectors while they are in memory (for tuning). Returns {"ntotal", "seconds",
+    "node_id"} and, with queries, "D" (nq, k) float32 (squared L2 or inner product) and "I" (nq, k)
+    int64 listing rows (-1 = none).
+    """
     start = time.perf_counter()
-    index = ensure_ids(faiss.deserialize_index(np.frombuffer(trained, dtype=np.uint8)))
+    _use_threads(threads)
+    index = faiss.deserialize_index(np.frombuffer(trained, dtype=np.uint8))
+    fastscan = is_fastscan(index)
+    index = ensure_ids(to_mergeable(index))
+    if index.d != dim:
+        raise ValueError(f"the trained index is {index.d}-d, the vectors are {dim}-d")
+    to_space = None
+    if exact_in_index_space:
+        # The index whitens (a metric-changing transform): queries and vectors are compared as it does.
+        from raysearch.models.whitening import split_pretransform
+
+        to_space = split_pretransform(index).apply
+    if xq is not None and to_space is not None:
+        xq = to_space(xq)
+    exact = _ExactTopK(xq, k, metric) if xq is not None and len(xq) and k else None
     id_tables = []
     for part, lo, hi in slices:
         x, meta = read_vectors(part, lo, hi, dim)
-        index.add_with_ids(x, meta.column("row").to_numpy().astype(np.int64))
+        rows = meta.column("row").to_numpy().astype(np.int64)
+        index.add_with_ids(x, rows)
+        if exact is not None:
+            exact.add(to_space(x) if to_space is not None else x, rows)
         id_tables.append(meta)
+    if fastscan and not mergeable:
+        index = to_searchable(index)
     write_index(index, index_uri)
     write_idmap(ids_uri, id_tables)
-    return {"ntotal": int(index.ntotal), "seconds": time.perf_counter() - start}
+    out = {"ntotal": int(index.ntotal), "seconds": time.perf_counter() - start, "node_id": _node_id()}
+    if exact is not None:
+        out.update(D=exact.D, I=exact.I)
+    return out
+
+
+class _ExactTopK:
+    """Running exact top-k of fixed queries over vectors seen chunk by chunk."""
+
+    def __init__(self, xq: np.ndarray, k: int, metric: str):
+        self.xq = np.ascontiguousarray(xq, dtype=np.float32)
+        self.k = k
+        self.largest_first = metric == "ip"
+        self.metric = faiss.METRIC_INNER_PRODUCT if self.largest_first else faiss.METRIC_L2
+        self.D = np.full((len(xq), k), -np.inf if self.largest_first else np.inf, dtype=np.float32)
+        self.I = np.full((len(xq), k), -1, dtype=np.int64)
+
+    def add(self, x: np.ndarray, rows: np.ndarray) -> None:
+        if not x.shape[0]:
+            return
+        Dp, Ip = faiss.knn(self.xq, x, min(self.k, x.shape[0]), metric=self.metric)
+        self.D, self.I = merge_knn([self.D, Dp], [self.I, rows[Ip]], self.k, self.largest_first)
+
+
+def pick_rows(
+    slices: list[tuple[str, int, int]],
+    dim: int,
+    positions: np.ndarray,
+    span_start: int,
+    threads: int | None = None,
+) -> dict:
+    """The check pass of one task: read every vector of `slices` (ValueError naming the part and
+    row for NaN/inf or a wrong dimension) and return those at `positions`, global positions in the
+    concatenation of all parts (sorted, within this task's rows, which start at `span_start`).
+
+    Returns {"n": rows read, "x": (m, dim) float32, "rows": (m,) int64 listing rows}.
+    """
+    _use_threads(threads)
+    xs, rows = [], []
+    pos = span_start
+    for part, lo, hi in slices:
+        x, meta = read_vectors(part, lo, hi, dim)
+        mine = positions[(positions >= pos) & (positions < pos + x.shape[0])] - pos
+        if mine.size:
+            xs.append(x[mine])
+            rows.append(meta.column("row").to_numpy()[mine])
+        pos += x.shape[0]
+    return {
+        "n": pos - span_start,
+        "x": np.concatenate(xs) if xs else np.empty((0, dim), np.float32),
+        "rows": np.concatenate(rows).astype(np.int64) if rows else np.empty(0, np.int64),
+    }
+
+
+def merge_knn(
+    D_list: list[np.ndarray], I_list: list[np.ndarray], k: int, largest_first: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    """Merge per-shard (D, I) top-k lists into the global top-k, by distance; id -1 sorts last.
+
+    Ties keep list order (stable sort), then rank order within a list.
+    """
+    D = np.concatenate(D_list, axis=1)
+    I = np.concatenate(I_list, axis=1)
+    worst = -np.inf if largest_first else np.inf
+    D = np.where(I < 0, worst, D)
+    key = -D if largest_first else D
+    order = np.argsort(key, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(D, order, axis=1), np.take_along_axis(I, order, axis=1)
 
 
 def write_index(index: faiss.Index, uri: str) -> None:

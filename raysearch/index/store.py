@@ -180,10 +180,19 @@ class IndexStore:
         return int(value) if value is not None else None
 
     def _checked_local(self, name: str) -> str:
+        """A local path for an index file after checking it against the manifest: its size
+        always (cheap, catches truncation), its checksum too unless verify=False."""
+        if name not in self._files:
+            raise IndexFormatError(f"manifest of {self.index_dir} lists no checksum for {name}")
         expected = self._files[name]
-        if self.verify:
-            verify_file(self.index_dir, name, expected, checksum=True)
+        verify_file(self.index_dir, name, expected, checksum=self.verify)
         return local_file(self.index_dir, name, expected)
+
+    def verify_files(self) -> None:
+        """Check every file the manifest lists (size and checksum); IndexFormatError names the
+        first one that does not match."""
+        for name, expected in self._files.items():
+            verify_file(self.index_dir, name, expected, checksum=True)
 
     def load_shard(self, i: int, mmap: bool = True) -> faiss.Index:
         shard = self.shards[i]
@@ -209,12 +218,19 @@ class IndexStore:
         return read_index_file(self._checked_local(name), mmap=False)
 
     def errors(self) -> pa.Table:
-        uri = storage.join(self.index_dir, ERRORS_FILE)
-        if not storage.exists(uri):
+        """Every image that could not be indexed (row, image_id, uri, reason), the build's and
+        those of later `raysearch add` runs."""
+        tables = []
+        for name in self.manifest.get("errors_files", [ERRORS_FILE]):
+            uri = storage.join(self.index_dir, name)
+            if not storage.exists(uri):
+                continue
+            fs, path = storage.get_fs(uri)
+            with fs.open(path, "rb") as f:
+                tables.append(pq.read_table(f))
+        if not tables:
             return pa.table({"row": pa.array([], pa.int64())})
-        fs, path = storage.get_fs(uri)
-        with fs.open(path, "rb") as f:
-            return pq.read_table(f)
+        return pa.concat_tables(tables, promote_options="default")
 
 
 class IdMap:

@@ -1,0 +1,160 @@
+"""Shard builders (run in-process here, as Ray runs them) against one index built in one process."""
+
+from __future__ import annotations
+
+import os
+
+import faiss
+import numpy as np
+import pytest
+
+from raysearch.embed import list_parts
+from raysearch.index.build import part_sizes
+from raysearch.index.merge import merge_into, to_searchable
+from raysearch.index.shards import add_shard, merge_knn, pick_rows, plan_shards
+from raysearch.index.synthetic import write_embeddings
+from raysearch.index.train import train_index
+from raysearch.search import search_shards
+
+D = 24
+N = 3000
+
+
+@pytest.mark.parametrize("n_shards", range(1, 8))
+def test_plan_shards_covers_every_row_once_in_balanced_contiguous_runs(n_shards):
+    rng = np.random.default_rng(n_shards)
+    for _ in range(30):
+        sizes = [int(s) for s in rng.integers(0, 50, rng.integers(1, 12))]
+        plan = plan_shards(sizes, n_shards)
+        assert len(plan) == n_shards
+        covered = [(p, r) for shard in plan for p, lo, hi in shard for r in range(lo, hi)]
+        assert covered == [(p, r) for p, size in enumerate(sizes) for r in range(size)]
+        counts = [sum(hi - lo for _, lo, hi in shard) for shard in plan]
+        assert max(counts) - min(counts) <= 1
+        assert all(lo < hi for shard in plan for _, lo, hi in shard)
+    with pytest.raises(ValueError, match="--shards"):
+        plan_shards([3], 0)
+
+
+@pytest.fixture(scope="module")
+def vectors(tmp_path_factory):
+    """Seeded random vectors (no two distances tie) written as an embeddings folder."""
+    rng = np.random.default_rng(42)
+    x = rng.standard_normal((N + 40, D)).astype(np.float32)
+    folder = str(tmp_path_factory.mktemp("emb"))
+    write_embeddings(folder, x[:N], part_rows=350)
+    return folder, x[:N], x[N:]
+
+
+def _build_shards(folder, trained, n_shards, mergeable, out_dir):
+    parts = list_parts(folder)
+    plan = plan_shards(part_sizes(parts), n_shards)
+    shards = []
+    for i, shard_plan in enumerate(plan):
+        slices = [(parts[p], lo, hi) for p, lo, hi in shard_plan]
+        path = os.path.join(out_dir, f"s{i}.index")
+        info = add_shard(faiss.serialize_index(trained).tobytes(), slices, D, path, path + ".ids.parquet", mergeable=mergeable)
+        shards.append(faiss.read_index(path))
+        assert info["ntotal"] == shards[-1].ntotal
+    return shards
+
+
+@pytest.mark.parametrize("factory", ["IVF16,Flat", "IVF16,PQ6"])
+@pytest.mark.parametrize("n_shards", [1, 3, 4])
+@pytest.mark.parametrize("merged", [False, True])
+def test_sharded_build_returns_exactly_what_one_index_returns(vectors, tmp_path, factory, n_shards, merged):
+    folder, xb, xq = vectors
+    trained = faiss.index_factory(D, factory)
+    train_index(trained, xb[:1500], seed=3, train_on="cpu")
+    single = faiss.deserialize_index(faiss.serialize_index(trained))
+    single.add_with_ids(xb, np.arange(N, dtype=np.int64))
+    shards = _build_shards(folder, trained, n_shards, merged, str(tmp_path))
+    if merged:
+        for s in shards[1:]:
+            merge_into(shards[0], s)
+        shards = [shards[0]]
+    assert sum(s.ntotal for s in shards) == N
+    for nprobe in (1, 4, 16):
+        faiss.ParameterSpace().set_index_parameter(single, "nprobe", nprobe)
+        D0, I0 = single.search(xq, 10)
+        D1, I1, shard = search_shards(shards, xq, 10, nprobe, "l2")
+        np.testing.assert_array_equal(I1, I0)
+        np.testing.assert_array_equal(D1, D0)
+        assert (shard >= 0).all()
+
+
+def test_fast_scan_shards_merge_into_the_same_index(vectors, tmp_path):
+    folder, xb, xq = vectors
+    trained = faiss.index_factory(D, "OPQ12_24,IVF16,PQ12x4fsr")
+    train_index(trained, xb[:1500], seed=3, train_on="cpu")
+    single = faiss.deserialize_index(faiss.serialize_index(trained))
+    single.add_with_ids(xb, np.arange(N, dtype=np.int64))
+    faiss.ParameterSpace().set_index_parameter(single, "nprobe", 4)
+    D0, I0 = single.search(xq, 10)
+    shards = _build_shards(folder, trained, 3, True, str(tmp_path))
+    for s in shards[1:]:
+        merge_into(shards[0], s)
+    merged = to_searchable(shards[0])
+    assert isinstance(faiss.downcast_index(faiss.extract_index_ivf(merged)), faiss.IndexIVFPQFastScan)
+    D1, I1, _ = search_shards([merged], xq, 10, 4, "l2")
+    # Fast-scan sums quantised lookup tables with SIMD kernels that FAISS picks by list sizes and
+    # batch shapes: distances agree to float rounding, and near-equal ones can swap places.
+    np.testing.assert_allclose(D1, D0, rtol=1e-6)
+    assert (np.sort(I1, axis=1) == np.sort(I0, axis=1)).mean() > 0.9
+    # Unmerged fast-scan shards are searched as they are.
+    unmerged = _build_shards(folder, trained, 3, False, str(tmp_path))
+    assert all(isinstance(faiss.downcast_index(faiss.extract_index_ivf(s)), faiss.IndexIVFPQFastScan) for s in unmerged)
+    D2, I2, _ = search_shards(unmerged, xq, 10, 4, "l2")
+    np.testing.assert_allclose(D2, D0, rtol=1e-6)
+    assert (np.sort(I2, axis=1) == np.sort(I0, axis=1)).mean() > 0.9
+
+
+def test_flat_shards_equal_exact_search(vectors, tmp_path):
+    folder, xb, xq = vectors
+    trained = faiss.index_factory(D, "Flat", faiss.METRIC_INNER_PRODUCT)
+    shards = _build_shards(folder, trained, 4, False, str(tmp_path))
+    D1, I1, _ = search_shards(shards, xq, 10, None, "ip")
+    D0, I0 = faiss.knn(xq, xb, 10, metric=faiss.METRIC_INNER_PRODUCT)
+    np.testing.assert_array_equal(I1, I0)
+    np.testing.assert_allclose(D1, D0, rtol=1e-6)
+
+
+def test_builders_find_exact_neighbours_while_adding(vectors, tmp_path):
+    folder, xb, xq = vectors
+    trained = faiss.index_factory(D, "IVF16,Flat")
+    train_index(trained, xb[:1500], seed=3, train_on="cpu")
+    parts = list_parts(folder)
+    results = []
+    for i, shard_plan in enumerate(plan_shards(part_sizes(parts), 3)):
+        slices = [(parts[p], lo, hi) for p, lo, hi in shard_plan]
+        path = str(tmp_path / f"t{i}.index")
+        results.append(add_shard(faiss.serialize_index(trained).tobytes(), slices, D, path, path + ".ids", xq=xq, k=10))
+    Dm, Im = merge_knn([r["D"] for r in results], [r["I"] for r in results], 10, largest_first=False)
+    D0, I0 = faiss.knn(xq, xb, 10)
+    np.testing.assert_array_equal(Im, I0)
+    np.testing.assert_allclose(Dm, D0, rtol=1e-5)
+
+
+def test_pick_rows_returns_the_requested_positions(vectors):
+    folder, xb, _ = vectors
+    parts = list_parts(folder)
+    plan = plan_shards(part_sizes(parts), 2)
+    slices = [(parts[p], lo, hi) for p, lo, hi in plan[1]]
+    start = N - sum(hi - lo for _, lo, hi in slices)
+    positions = np.array([start, start + 5, N - 1])
+    got = pick_rows(slices, D, positions, start)
+    assert got["n"] == N - start
+    np.testing.assert_array_equal(got["rows"], positions)
+    np.testing.assert_array_equal(got["x"], xb[positions])
+
+
+def test_bad_vectors_are_named(tmp_path):
+    x = np.random.default_rng(0).standard_normal((100, 8)).astype(np.float32)
+    x[57, 2] = np.inf
+    folder = str(tmp_path / "emb")
+    write_embeddings(folder, x, part_rows=40)
+    parts = list_parts(folder)
+    with pytest.raises(ValueError, match=r"part-.*row 57 holds NaN or inf"):
+        pick_rows([(p, 0, s) for p, s in zip(parts, part_sizes(parts))], 8, np.array([0]), 0)
+    with pytest.raises(ValueError, match="8-d vectors, the index is 16-d"):
+        pick_rows([(parts[0], 0, 40)], 16, np.array([0]), 0)
