@@ -309,7 +309,7 @@ def main() -> None:
         rows.append((f"raysearch x{s}", res["factory"], res["seconds"], peak, res["nprobe"], recall, qps,
                      f"ray start {res['ray_start']:.1f} s; " + ", ".join(f"{k} {v:.1f}" for k, v in res["timings"].items())))
         print(rows[-1])
-        del searcher
+        searcher = None  # unmap the shards before removing them
         shutil.rmtree(out, ignore_errors=True)
 
     out = os.path.join(work, "faiss-1proc.index")

@@ -91,6 +91,8 @@ class EmbedSummary:
     n_skipped: int       # rows already done by an earlier, interrupted run
     seconds: float
     dim: int
+    # Images decoded / embedded on each Ray node (node id -> count) by this run: where the work went.
+    nodes: dict[str, dict[str, int]] = field(default_factory=dict)
 
     @property
     def images_per_second(self) -> float:
@@ -105,6 +107,14 @@ class EmbedSummary:
 # ---------------------------------------------------------------------------------------------
 # Stage 1: read + decode (CPU tasks)
 # ---------------------------------------------------------------------------------------------
+
+
+def current_node_id() -> str:
+    """The Ray node this code runs on ('' outside Ray): recorded per batch, so a run can tell which
+    nodes decoded and embedded its images."""
+    import ray
+
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
 
 
 def read_many(uris: list[str]) -> list[bytes | Exception]:
@@ -194,9 +204,9 @@ def load_and_decode(
         if done_rows.size:
             rows = rows.filter(pa.array(~np.isin(rows.column("row").to_numpy(), done_rows)))
         outs.append(decode_rows(rows, input_size, resize))
-    if len(outs) == 1:
-        return outs[0]
-    return {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
+    out = outs[0] if len(outs) == 1 else {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
+    out["decode_node"] = np.full(len(out["row"]), current_node_id(), dtype=object)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -246,13 +256,17 @@ class Embedder:
             bad = ok & ~np.isfinite(emb).all(axis=1)
             errors[bad] = "model produced a non-finite embedding"
             emb[bad] = 0.0
-        return {
+        out = {
             "row": batch["row"],
             "image_id": batch["image_id"],
             "uri": batch["uri"],
             "error": errors,
             "embedding": emb,
+            "embed_node": np.full(n, current_node_id(), dtype=object),
         }
+        if "decode_node" in batch:
+            out["decode_node"] = batch["decode_node"]
+        return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -266,7 +280,8 @@ def content_name(rows: np.ndarray) -> str:
 
 
 def write_parts(batch: dict[str, np.ndarray], embeddings_dir: str) -> dict[str, np.ndarray]:
-    """Write the batch's embeddings and error rows as Parquet parts; return counts.
+    """Write the batch's embeddings and error rows as Parquet parts; return counts, one row per
+    (decode node, embed node) pair of the batch: columns decode_node, embed_node, n_ok, n_errors.
 
     Part names derive from the rows they hold, so a retried task rewrites the same file rather
     than adding a second copy.
@@ -300,7 +315,38 @@ def write_parts(batch: dict[str, np.ndarray], embeddings_dir: str) -> dict[str, 
             schema=ERROR_SCHEMA,
         )
         write_table(storage.join(embeddings_dir, "errors", content_name(rows[~ok])), tbl)
-    return {"n_ok": np.array([n_ok]), "n_errors": np.array([n_err])}
+    return node_counts(batch, ok)
+
+
+def node_counts(batch: dict[str, np.ndarray], ok: np.ndarray) -> dict[str, np.ndarray]:
+    """Embedded and failed images per (decode node, embed node) pair of a batch."""
+    n = len(ok)
+    blank = np.full(n, "", dtype=object)
+    decode = np.asarray(batch.get("decode_node", blank), dtype=object)
+    embed = np.asarray(batch.get("embed_node", blank), dtype=object)
+    pairs: dict[tuple[str, str], list[int]] = {}
+    for d, e, good in zip(decode.tolist(), embed.tolist(), ok.tolist()):
+        counts = pairs.setdefault((str(d), str(e)), [0, 0])
+        counts[0 if good else 1] += 1
+    if not pairs:
+        pairs[("", "")] = [0, 0]
+    keys = list(pairs)
+    return {
+        "decode_node": np.asarray([k[0] for k in keys], dtype=object),
+        "embed_node": np.asarray([k[1] for k in keys], dtype=object),
+        "n_ok": np.asarray([pairs[k][0] for k in keys], dtype=np.int64),
+        "n_errors": np.asarray([pairs[k][1] for k in keys], dtype=np.int64),
+    }
+
+
+def add_node_counts(totals: dict[str, dict[str, int]], batch: dict[str, np.ndarray]) -> None:
+    """Accumulate a `write_parts` result into {"decode": {node: images}, "embed": {node: images}}."""
+    for d, e, n_ok, n_err in zip(batch["decode_node"], batch["embed_node"], batch["n_ok"], batch["n_errors"]):
+        n = int(n_ok) + int(n_err)
+        if d:
+            totals.setdefault("decode", {})[str(d)] = totals.get("decode", {}).get(str(d), 0) + n
+        if e and int(n_ok):
+            totals.setdefault("embed", {})[str(e)] = totals.get("embed", {}).get(str(e), 0) + int(n_ok)
 
 
 def write_table(uri: str, tbl: pa.Table) -> None:
@@ -576,6 +622,7 @@ def embed_source(
     if resumed:
         log.info("resuming: %d of %d images already embedded", n_skipped, listing.n_rows)
 
+    nodes: dict[str, dict[str, int]] = {}
     if tasks:
         res = _embedder_resources(config, gpus, cpus)
         ds = ray.data.from_items(tasks, override_num_blocks=len(tasks))
@@ -603,8 +650,8 @@ def embed_source(
             # Writing is light I/O: reserving no CPU lets parts land while decoding still holds every core.
             num_cpus=0,
         )
-        for _ in ds.iter_batches(batch_size=None):
-            pass
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            add_node_counts(nodes, batch)
 
     dropped = _drop_repeated_rows(embeddings_dir, listing)
     if dropped:
@@ -632,12 +679,13 @@ def embed_source(
         "parts": [os.path.basename(p) for p in parts],
         "error_parts": [os.path.basename(p) for p in error_parts],
         "seconds": round(elapsed, 3),
+        "nodes": nodes,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     storage.atomic_write_json(manifest_uri, manifest)
     summary = EmbedSummary(
         embeddings_dir=embeddings_dir, n_images=listing.n_rows, n_embedded=n_embedded,
-        n_errors=n_errors, n_skipped=n_skipped, seconds=elapsed, dim=spec.dim,
+        n_errors=n_errors, n_skipped=n_skipped, seconds=elapsed, dim=spec.dim, nodes=nodes,
     )
     _check_error_rate(summary, embeddings_dir, config.max_error_rate)
     return summary
@@ -647,6 +695,7 @@ def _summary_from_manifest(manifest: dict, embeddings_dir: str, n_rows: int) -> 
     return EmbedSummary(
         embeddings_dir=embeddings_dir, n_images=n_rows, n_embedded=int(manifest["n_embedded"]),
         n_errors=int(manifest["n_errors"]), n_skipped=n_rows, seconds=0.0, dim=int(manifest["dim"]),
+        nodes=manifest.get("nodes", {}),
     )
 
 

@@ -430,7 +430,7 @@ def _search_settings(
             lambda q, k, v: search_shards(shards, q, k, v, config.metric)[1],
             xq, q_rows, truth, param, values, config.target_recall, TUNE_K,
         )
-        del shards
+        shards.clear()  # release the memory maps before the folder goes
     if not result.reached:
         log.warning(
             "recall@%d %.3f: the target %.3f is out of reach for %s (codes too coarse); using %s=%s",

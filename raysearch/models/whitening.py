@@ -213,8 +213,10 @@ def resolve_embeddings_folder(source: str) -> str | None:
     from raysearch import storage
     from raysearch.embed import EMBEDDINGS_MANIFEST
 
-    if "://" not in source and ":" in source.split("/")[0] and not source.startswith("/"):
-        return None  # a layout spec such as disc21:ROOT
+    from raysearch.sources.layouts import LAYOUT_PREFIXES
+
+    if source.startswith(LAYOUT_PREFIXES) or ("://" not in source and ":" in source.split("/")[0] and not source.startswith("/")):
+        return None  # a layout spec such as disc21:ROOT or disc21:s3://bucket/disc21
     if storage.exists(storage.join(source, EMBEDDINGS_MANIFEST)):
         return source
     manifest_uri = storage.join(source, "manifest.json")
