@@ -22,6 +22,8 @@ def activate(
     scaling: Annotated[float, typer.Option(help="Multiplier of the JND heatmap (perturbation budget).")] = 3.0,
     target: Annotated[str, typer.Option(help="pq: the PQ reconstruction of the image's indexed vector; ivf: its IVF centroid.")] = "pq",
     psnr: Annotated[Optional[float], typer.Option(help="PSNR floor in dB; perturbations are scaled down to meet it.")] = None,
+    augment: Annotated[int, typer.Option(help="Randomly edited views of each image added to the feature loss per step (0: the published method).")] = 0,
+    seed: Annotated[int, typer.Option(help="Seed of the edited views.")] = 0,
     format: Annotated[str, typer.Option("--format", help="png (keeps the perturbation) or jpg.")] = "png",
     quality: Annotated[int, typer.Option(help="JPEG quality with --format jpg.")] = 95,
     batch_size: Annotated[int, typer.Option(help="Images optimised together.")] = 8,
@@ -41,7 +43,7 @@ def activate(
     setup_logging(verbose)
     config = ActivatePipelineConfig(
         activate=ActivateConfig(iterations=iterations, lr=lr, lambda_f=lambda_f, lambda_i=lambda_i,
-                                scaling=scaling, target=target, psnr=psnr),
+                                scaling=scaling, target=target, psnr=psnr, augment=augment, seed=seed),
         batch_size=batch_size, concurrency=concurrency, format=format, quality=quality,
         max_error_rate=max_error_rate, progress=progress,
     )

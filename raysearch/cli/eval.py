@@ -16,7 +16,7 @@ from raysearch.cli.common import app, setup_logging, user_errors
 
 eval_app = typer.Typer(
     name="eval",
-    help="Evaluate an index: copy detection (DISC21), landmarks (Revisited Oxford/Paris), CMC, ANN recall.",
+    help="Evaluate an index: copy detection (DISC21), landmarks (Revisited Oxford/Paris), GLDv2 retrieval, CMC, ANN recall, activation.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,

@@ -41,6 +41,8 @@ def index_info(store: "IndexStore", config: ServeConfig, plan: ResourcePlan) -> 
         "factory": m.get("factory"),
         "nprobe": store.nprobe,
         "nprobe_tuned": bool(m.get("search", {}).get("tuned", False)),
+        # The service answers without query expansion (see build_app); reported so clients know.
+        "query_expansion_applied": False,
         "shards": [{"name": shard_label(s.name), "count": s.ntotal} for s in store.shards],
         "shard_names": [shard_label(s.name) for s in store.shards],
         "replicas": {"ingress": config.replicas, "embedder": config.replicas, "shard": config.shard_replicas},
@@ -86,6 +88,13 @@ def build_app(config: ServeConfig) -> "Application":
         embed_threads=config.embed_threads, search_threads=config.search_threads,
     )
     log.info("serving %s: %d shards; %s", store.index_dir, len(store.shards), plan)
+    if store.manifest.get("query_expansion"):
+        # Query expansion needs a second fan-out with vectors reconstructed by the shards; the
+        # service answers with the first round only. Say so rather than differ silently.
+        log.warning(
+            "%s was built with query expansion (%s); the service does not apply it: its answers are "
+            "those of `raysearch search --qe 0`", store.index_dir, store.manifest["query_expansion"],
+        )
     quiet = {"logging_config": {"enable_access_log": False}}  # internal calls: no line per query
     common = {
         "max_ongoing_requests": config.max_ongoing_requests,
