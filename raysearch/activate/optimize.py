@@ -263,20 +263,32 @@ def activate_batch(
     with torch.no_grad():
         cos_before = (features(xs) * tgt).sum(dim=-1)
     gen = torch.Generator().manual_seed(config.seed)
-    for _ in range(config.iterations):
+    # Adam on the tanh variable takes steps of about `lr` per pixel and can overshoot: each image
+    # keeps the iterate with its lowest loss (the last step is evaluated too, without stepping).
+    best = [d.detach().clone() for d in deltas]
+    best_loss = torch.full((len(xs),), float("inf"), device=device)
+    for step in range(config.iterations + 1):
         perturbed = [x + h * torch.tanh(d) for x, h, d in zip(xs, heat, deltas)]
         cos = (features(perturbed) * tgt).sum(dim=-1)
-        loss_f = (1.0 - cos).sum()
+        per_image_f = 1.0 - cos
         if config.augment:
             views = torch.cat([random_view(p, input_size, gen) for p in perturbed for _ in range(config.augment)])
             view_cos = (F.normalize(transform(model(views)), dim=-1) * tgt.repeat_interleave(config.augment, 0)).sum(-1)
             # Average the original's term with its views', so --augment does not change the loss scale.
-            loss_f = (loss_f + (1.0 - view_cos).sum() / config.augment) / 2.0
-        loss_i = torch.stack([((p - x) ** 2).mean() for p, x in zip(perturbed, xs)]).sum()
-        loss = config.lambda_f * loss_f + config.lambda_i * loss_i
+            per_image_f = (per_image_f + (1.0 - view_cos).view(len(xs), config.augment).mean(dim=1)) / 2.0
+        per_image_i = torch.stack([((p - x) ** 2).mean() for p, x in zip(perturbed, xs)])
+        per_image = config.lambda_f * per_image_f + config.lambda_i * per_image_i
+        with torch.no_grad():
+            better = per_image < best_loss
+            for i in torch.nonzero(better).flatten().tolist():
+                best[i] = deltas[i].detach().clone()
+            best_loss = torch.where(better, per_image.detach(), best_loss)
+        if step == config.iterations:
+            break
         opt.zero_grad()
-        loss.backward()
+        per_image.sum().backward()
         opt.step()
+    deltas = best
 
     out: list[ActivatedImage] = []
     with torch.no_grad():

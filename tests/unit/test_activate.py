@@ -149,10 +149,24 @@ def test_psnr_floor_is_met_by_every_image(tiny_setup):
     unconstrained = activate_batch(images, targets, net, 64, "squash", strong)
     assert min(r.psnr for r in unconstrained) < 38
     floored = activate_batch(images, targets, net, 64, "squash", ActivateConfig(**{**strong.__dict__, "psnr": 42.0}))
-    for r, im in zip(floored, images):
+    for r, im, free in zip(floored, images, unconstrained):
         assert psnr(r.pixels, im) >= 42.0 and r.psnr >= 42.0
-        assert 0 < r.scale < 1
+        # Perturbations over the floor were scaled down; an image whose best iterate was the
+        # original itself keeps scale 1 and is unchanged.
+        assert (0 < r.scale < 1) if free.psnr < 42.0 else r.scale == 1.0
+    assert sum(0 < r.scale < 1 for r in floored) >= 1
 
+
+def test_each_image_keeps_its_best_iterate(tiny_setup):
+    net, images, targets, x = tiny_setup
+    for lr in (0.05, 1.0):
+        for r in activate_batch(images, targets, net, 64, "squash", ActivateConfig(iterations=6, lr=lr, lambda_i=0.0)):
+            # Never worse than the original (up to 8-bit rounding of the saved pixels).
+            assert r.cos_after >= r.cos_before - 2e-3
+    # Images whose feature already is the target: every step can only move away from it, so the
+    # best iterate is the (almost) unperturbed image.
+    for r, im in zip(activate_batch(images, x, net, 64, "squash", ActivateConfig(iterations=6, lr=1.0, lambda_i=0.0)), images):
+        assert r.cos_after > 0.999 and r.linf <= 1
 
 def test_config_checks():
     with pytest.raises(ValueError, match="--target"):
