@@ -52,6 +52,7 @@ def main() -> None:
     ap.add_argument("--references", type=int, default=200)
     ap.add_argument("--background", type=int, default=400)
     ap.add_argument("--index", default="IVF32,PQ8x8")
+    ap.add_argument("--model", default=None, help="model name or torchscript:PATH (default: raysearch's default model)")
     ap.add_argument("--edits", default=EDITS)
     ap.add_argument("--variants", default="paper:;lr0.3-aug2:lr=0.3,augment=2")
     ap.add_argument("--psnr", type=float, default=40.0, help="PSNR floor of every activated image (dB)")
@@ -68,6 +69,8 @@ def main() -> None:
     from raysearch.evaluate.activation import ActivationEvalConfig, evaluate_activation
     from raysearch.evaluate.copyset import CopySetConfig, write_copy_detection_set
     from raysearch.index.build import IndexConfig
+    from raysearch.models.names import DEFAULT_MODEL
+    from raysearch.models.spec import ModelConfig
 
     work = os.path.abspath(args.workdir)
     shutil.rmtree(work, ignore_errors=True)
@@ -86,7 +89,8 @@ def main() -> None:
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     index_dir = os.path.join(work, "index")
     t = time.perf_counter()
-    res = build(data, index_dir, EmbedConfig(progress=False), IndexConfig(factory=args.index))
+    res = build(data, index_dir, EmbedConfig(model=ModelConfig(name=args.model or DEFAULT_MODEL), progress=False),
+                IndexConfig(factory=args.index))
     build_s = time.perf_counter() - t
     nprobe = res.manifest["search"].get("nprobe")
     print(f"index {args.index}: {res.manifest['n_vectors']} vectors, nprobe {nprobe}, built in {build_s:.0f} s")
@@ -117,7 +121,7 @@ def main() -> None:
 
     doc = {
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, python {platform.python_version()}",
-        "date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv), "index": args.index,
+        "date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv), "index": args.index, "model": args.model or DEFAULT_MODEL,
         "n_vectors": res.manifest["n_vectors"], "nprobe": nprobe, "psnr_floor": args.psnr, "variants": rows,
     }
     if args.json:

@@ -11,7 +11,6 @@ raysearch's own code (validation, FAISS search, merge, id lookup) adds.
 Usage: python benchmarks/serve_floor.py [--shards 3 --requests 300]
 """
 
-from __future__ import annotations
 
 import argparse
 import asyncio
