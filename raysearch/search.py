@@ -284,21 +284,7 @@ class Searcher:
     ) -> tuple[SearchResult, list[str | None]]:
         """Embed and search query images by path/URI. Returns the result and, per query, None or
         the reason it could not be used (its result row is then empty)."""
-        size = self.store.model_spec.input_size
-        pixels = np.zeros((len(uris), size, size, 3), np.uint8)
-        problems: list[str | None] = []
-        for i, uri in enumerate(uris):
-            try:
-                pixels[i] = self.preprocess(storage.read_bytes(uri))
-                problems.append(None)
-            except (FileNotFoundError, PermissionError, IsADirectoryError) as e:
-                problems.append(str(e))
-            except DecodeError as e:
-                problems.append(e.reason)
-        ok = [i for i, p in enumerate(problems) if p is None]
-        xq = np.zeros((len(uris), self.dim), np.float32)
-        if ok:
-            xq[ok] = self.embedder().embed_pixels(pixels[ok])
+        xq, problems = embed_image_uris(uris, self.store.model_spec, self.embedder())
         result = self.search(xq, k, nprobe, query_expansion)
         bad = [i for i, p in enumerate(problems) if p is not None]
         result.ids[bad] = -1
@@ -328,6 +314,43 @@ def preprocess_image(data: bytes, spec: ModelSpec, max_pixels: int | None = None
     """
     arr = decode_image(data, draft_size=spec.input_size, max_pixels=max_pixels)
     return resize_image(arr, spec.input_size, spec.resize)  # type: ignore[arg-type]
+
+
+def embed_image_uris(
+    uris: list[str], spec: ModelSpec, embedder,
+    boxes: list[tuple[float, float, float, float] | None] | None = None,
+) -> tuple[np.ndarray, list[str | None]]:
+    """Read, preprocess as the build did and embed images by path/URI. Returns (vectors (n, d),
+    per image None or the reason it could not be used; its vector row is then zeros).
+
+    `boxes`: per image None or an (x1, y1, x2, y2) crop in original pixels (revisitop's query
+    protocol): such an image is decoded at full size and cropped before resizing.
+    """
+    from PIL import Image
+
+    pixels = np.zeros((len(uris), spec.input_size, spec.input_size, 3), np.uint8)
+    problems: list[str | None] = []
+    for i, uri in enumerate(uris):
+        box = boxes[i] if boxes is not None else None
+        try:
+            data = storage.read_bytes(uri)
+            if box is None:
+                pixels[i] = preprocess_image(data, spec)
+            else:
+                img = Image.fromarray(decode_image(data)).crop(box)  # full size: the box is in original pixels
+                if img.width < 1 or img.height < 1:
+                    raise DecodeError(f"empty crop box {box}")
+                pixels[i] = resize_image(np.asarray(img), spec.input_size, spec.resize)  # type: ignore[arg-type]
+            problems.append(None)
+        except (FileNotFoundError, PermissionError, IsADirectoryError) as e:
+            problems.append(str(e))
+        except DecodeError as e:
+            problems.append(e.reason)
+    ok = [i for i, p in enumerate(problems) if p is None]
+    x = np.zeros((len(uris), spec.dim), np.float32)
+    if ok:
+        x[ok] = embedder.embed_pixels(pixels[ok])
+    return x, problems
 
 
 def check_queries(xq: np.ndarray, dim: int) -> np.ndarray:

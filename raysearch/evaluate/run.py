@@ -38,7 +38,7 @@ from raysearch.evaluate.groundtruth import (
 )
 from raysearch.models.spec import ModelSpec
 from raysearch.rerank import QueryExpansion
-from raysearch.search import SearchResult, Searcher
+from raysearch.search import SearchResult, Searcher, embed_image_uris
 
 log = logging.getLogger("raysearch")
 
@@ -194,37 +194,6 @@ def iter_vector_blocks(vectors: QuerySet | str, block_rows: int = 65_536) -> Ite
 
     for uri in list_parts(vectors, "parts"):
         yield embeddings_matrix(read_part(uri, ["embedding"]))
-
-
-def embed_cropped_images(uris: list[str], boxes: list[tuple[float, float, float, float] | None], spec: ModelSpec,
-                         embedder) -> tuple[np.ndarray, list[str | None]]:
-    """Decode full-size, crop to (x1, y1, x2, y2) as PIL crops (revisitop's protocol), resize as the
-    build did, embed. Returns (vectors (n, d), per image None or the reason it failed)."""
-    from PIL import Image
-
-    from raysearch.images import DecodeError, decode_image, resize_image
-
-    pixels = np.zeros((len(uris), spec.input_size, spec.input_size, 3), np.uint8)
-    problems: list[str | None] = []
-    for i, (uri, box) in enumerate(zip(uris, boxes)):
-        try:
-            arr = decode_image(storage.read_bytes(uri))  # full size: the box is in original pixels
-            if box is not None:
-                img = Image.fromarray(arr).crop(box)
-                if img.width < 1 or img.height < 1:
-                    raise DecodeError(f"empty crop box {box}")
-                arr = np.asarray(img)
-            pixels[i] = resize_image(arr, spec.input_size, spec.resize)  # type: ignore[arg-type]
-            problems.append(None)
-        except (FileNotFoundError, PermissionError, IsADirectoryError) as e:
-            problems.append(str(e))
-        except DecodeError as e:
-            problems.append(e.reason)
-    ok = [i for i, p in enumerate(problems) if p is None]
-    x = np.zeros((len(uris), spec.dim), np.float32)
-    if ok:
-        x[ok] = embedder.embed_pixels(pixels[ok])
-    return x, problems
 
 
 # ---------------------------------------------------------------------------------------------
@@ -514,9 +483,9 @@ def evaluate_landmarks(
         raise ValueError(f"{len(missing)} query images of the ground truth are not in {queries} (e.g. {missing[:3]})")
     spec = searcher.store.model_spec
     start = time.perf_counter()
-    xq, problems = embed_cropped_images(
-        [uri_of[keyf(q.name)] for q in gnd.queries],
-        [q.bbx if config.crop else None for q in gnd.queries], spec, searcher.embedder(),
+    xq, problems = embed_image_uris(
+        [uri_of[keyf(q.name)] for q in gnd.queries], spec, searcher.embedder(),
+        boxes=[q.bbx if config.crop else None for q in gnd.queries],
     )
     seconds["embed_queries"] = time.perf_counter() - start
     bad = [(q.name, p) for q, p in zip(gnd.queries, problems) if p is not None]
