@@ -14,6 +14,14 @@ f is the index's own model applied after a differentiable resize to its input si
 index's own pre-transform, if it has one). The target is where the index quantises the image's
 indexed feature: its PQ reconstruction (default) or its IVF centroid. Pulling the feature there makes
 the image sit at the centre of its own quantisation cell, so edited copies still land in it.
+
+`loss="rank"` replaces the cosine term by a ranking loss: with r_0 the image's own PQ reconstruction
+and r_1..r_M the reconstructions of its M nearest *other* indexed vectors (its competitors),
+
+    -log softmax_j(-||f(x') - r_j||^2 / tau)[0]
+
+i.e. the feature is pushed to where its own code outscores its neighbours' codes, which is what
+decides whether an edited copy is found first, rather than toward the reconstruction itself.
 """
 
 from __future__ import annotations
@@ -29,6 +37,7 @@ import torch.nn.functional as F
 from raysearch.activate.jnd import LUMA, jnd_heatmap
 
 TARGETS = ("pq", "ivf")
+LOSSES = ("cosine", "rank")
 
 
 @dataclass(frozen=True)
@@ -45,6 +54,9 @@ class ActivateConfig:
     psnr: float | None = None    # floor in dB: perturbations are scaled down until every image meets it
     augment: int = 0             # random edited views per image and step (0: the original method)
     seed: int = 0
+    loss: str = "cosine"         # "cosine": toward the target; "rank": own code over its neighbours'
+    competitors: int = 10        # "rank": neighbouring codes the own code must outscore
+    tau: float = 0.05            # "rank": softmax temperature on squared L2 distances
 
     def __post_init__(self) -> None:
         if self.iterations < 0:
@@ -59,6 +71,17 @@ class ActivateConfig:
             raise ValueError("--scaling and --strength must be > 0")
         if self.augment < 0:
             raise ValueError(f"--augment must be >= 0, got {self.augment}")
+        if self.loss not in LOSSES:
+            raise ValueError(f"--loss must be one of {LOSSES}, got {self.loss!r}")
+        if self.competitors < 1:
+            raise ValueError(f"--competitors must be >= 1, got {self.competitors}")
+        if not (math.isfinite(self.tau) and self.tau > 0):
+            raise ValueError(f"--tau must be a positive number, got {self.tau}")
+        if self.loss == "rank" and self.target != "pq":
+            raise ValueError(
+                "--loss rank ranks the image's own PQ code against its neighbours' codes: it needs "
+                f"--target pq, got --target {self.target}"
+            )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -226,6 +249,7 @@ def activate_batch(
     config: ActivateConfig = ActivateConfig(),
     transform: torch.nn.Module | None = None,
     device: str | torch.device = "cpu",
+    competitors: np.ndarray | None = None,
 ) -> list[ActivatedImage]:
     """Activate a batch of full-resolution images.
 
@@ -236,11 +260,26 @@ def activate_batch(
     model : maps (B, 3, S, S) float images in [0, 1] to (B, d) features (the index's model).
     input_size, resize : the model's preprocessing (ModelSpec.input_size, ModelSpec.resize).
     transform : the index's pre-transform in torch (TorchTransform), or None.
+    competitors : (n, M, d') float32, required by config.loss == "rank" (ignored by "cosine"): the
+        reconstructions of each image's M nearest other indexed vectors, in the space of `targets`.
 
-    Returns one ActivatedImage per input, in order.
+    Returns one ActivatedImage per input (cos_before / cos_after: cosine to its own target), in order.
     """
     if len(images) != len(targets):
         raise ValueError(f"{len(images)} images but {len(targets)} targets")
+    rank = config.loss == "rank"
+    if rank:
+        if competitors is None:
+            raise ValueError(
+                "loss 'rank' needs competitors: an (n, M, d') array of the reconstructions of each "
+                "image's nearest other indexed vectors"
+            )
+        competitors = np.asarray(competitors, dtype=np.float32)
+        d = np.shape(targets)[1] if len(targets) else None
+        if competitors.ndim != 3 or len(competitors) != len(images) or competitors.shape[1] < 1 or (
+            d is not None and competitors.shape[2] != d
+        ):
+            raise ValueError(f"competitors must be (n={len(images)}, M >= 1, d'={d}), got {competitors.shape}")
     if not images:
         return []
     device = torch.device(device)
@@ -249,7 +288,11 @@ def activate_batch(
         p.requires_grad_(False)
     transform = transform or torch.nn.Identity()
     xs = [torch.from_numpy(np.array(im, dtype=np.uint8)).permute(2, 0, 1).float().div(255.0).unsqueeze(0).to(device) for im in images]
-    tgt = F.normalize(torch.from_numpy(np.asarray(targets, dtype=np.float32)).to(device), dim=-1)
+    raw_targets = torch.from_numpy(np.asarray(targets, dtype=np.float32)).to(device)
+    tgt = F.normalize(raw_targets, dim=-1)
+    if rank:
+        # Own code first, then the competitors': (n, 1 + M, d'), as stored (the index scores these).
+        candidates = torch.cat([raw_targets[:, None], torch.from_numpy(competitors).to(device)], dim=1)
     channel = torch.tensor([config.strength / w for w in LUMA], device=device).view(1, 3, 1, 1)
     with torch.no_grad():
         heat = [config.scaling * jnd_heatmap(x) * channel for x in xs]
@@ -260,6 +303,19 @@ def activate_batch(
         resized = torch.cat([differentiable_resize(b, input_size, resize) for b in batch])
         return F.normalize(transform(model(resized)), dim=-1)
 
+    def feature_loss(f: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """Feature term for normalised features f (B, d') of the images rows (B,): (B,)."""
+        if rank:
+            dist = ((f[:, None, :] - candidates[rows]) ** 2).sum(dim=-1)
+            return -torch.log_softmax(-dist / config.tau, dim=1)[:, 0]
+        return 1.0 - (f * tgt[rows]).sum(dim=-1)
+
+    # Weight of the original's term against its edited views' (--augment): the cosine loss weighs the
+    # original as much as all its views together, so --augment does not change the loss scale; the
+    # rank loss averages the original and its views alike.
+    own_weight = 1.0 / (1 + config.augment) if rank else 0.5
+    rows = torch.arange(len(xs), device=device)
+
     with torch.no_grad():
         cos_before = (features(xs) * tgt).sum(dim=-1)
     gen = torch.Generator().manual_seed(config.seed)
@@ -269,13 +325,11 @@ def activate_batch(
     best_loss = torch.full((len(xs),), float("inf"), device=device)
     for step in range(config.iterations + 1):
         perturbed = [x + h * torch.tanh(d) for x, h, d in zip(xs, heat, deltas)]
-        cos = (features(perturbed) * tgt).sum(dim=-1)
-        per_image_f = 1.0 - cos
+        per_image_f = feature_loss(features(perturbed), rows)
         if config.augment:
             views = torch.cat([random_view(p, input_size, gen) for p in perturbed for _ in range(config.augment)])
-            view_cos = (F.normalize(transform(model(views)), dim=-1) * tgt.repeat_interleave(config.augment, 0)).sum(-1)
-            # Average the original's term with its views', so --augment does not change the loss scale.
-            per_image_f = (per_image_f + (1.0 - view_cos).view(len(xs), config.augment).mean(dim=1)) / 2.0
+            view_f = feature_loss(F.normalize(transform(model(views)), dim=-1), rows.repeat_interleave(config.augment))
+            per_image_f = own_weight * per_image_f + (1.0 - own_weight) * view_f.view(len(xs), config.augment).mean(dim=1)
         per_image_i = torch.stack([((p - x) ** 2).mean() for p, x in zip(perturbed, xs)])
         per_image = config.lambda_f * per_image_f + config.lambda_i * per_image_i
         with torch.no_grad():

@@ -16,7 +16,9 @@ Output folder:
     activate.json            written last: counts and averages
 
 The target of each image comes from the index's own entry for its image_id: the stored embedding
-(exactly what was added to the index), quantised by the trained index.
+(exactly what was added to the index), quantised by the trained index. With `--loss rank` each
+image's competitors come from the index too: the reconstructions of the nearest other vectors to its
+stored embedding (`find_competitors`).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -42,6 +44,9 @@ from raysearch.images import DecodeError, decode_image, resize_image
 from raysearch.index.store import IndexStore
 from raysearch.sources import open_source
 from raysearch.sources.listing import Listing, write_listing
+
+if TYPE_CHECKING:
+    from raysearch.search import Searcher
 
 log = logging.getLogger("raysearch")
 
@@ -188,6 +193,58 @@ def plan_activation(
 
 
 # ---------------------------------------------------------------------------------------------
+# Competitors of the rank loss
+# ---------------------------------------------------------------------------------------------
+
+# The competitors are searched with this many times the index's tuned nprobe (capped by the number
+# of inverted lists): an edited copy drifts from the original feature and probes lists around it
+# that the original's own search may not reach, and the neighbours there can outrank the image too.
+# The extra cost is one wider search per image, small beside the optimisation's forward/backward passes.
+COMPETITOR_NPROBE_FACTOR = 4
+
+
+def competitor_nprobe(store: IndexStore, trained: Any) -> int | None:
+    """nprobe (efSearch for HNSW) of the competitor search; None: the index's default."""
+    import faiss
+
+    from raysearch.activate.optimize import split_pretransform
+
+    tuned = store.nprobe
+    if tuned is None:
+        return None
+    wider = COMPETITOR_NPROBE_FACTOR * int(tuned)
+    try:
+        return min(wider, int(faiss.extract_index_ivf(split_pretransform(trained)[1]).nlist))
+    except RuntimeError:  # not an IVF: efSearch, no upper bound
+        return wider
+
+
+def find_competitors(
+    searcher: Searcher, vectors: np.ndarray, image_ids: list[str], m: int, nprobe: int | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """The reconstructions of each image's m nearest other indexed vectors, in the index's space.
+
+    searcher: the index's Searcher; vectors: (n, dim) the images' stored embeddings; image_ids:
+    theirs (their own entries are left out). Returns (competitors (n, m, d') float32, found (n,) int:
+    how many distinct ones the search returned). Rows with 0 < found < m are padded with the farthest
+    one found; rows with found == 0 (an index holding only the image) are zeros.
+    """
+    n = len(image_ids)
+    result = searcher.search_many(vectors, m + 1, nprobe=nprobe, query_expansion=False)
+    found_ids, _ = searcher.lookup(result)
+    recon = searcher.vectors(result.ids, result.shard)  # (n, m + 1, d')
+    competitors = np.zeros((n, m, recon.shape[-1]), np.float32)
+    found = np.zeros(n, np.int64)
+    for i in range(n):
+        keep = [j for j in range(m + 1) if result.ids[i, j] >= 0 and found_ids[i, j] != image_ids[i]][:m]
+        found[i] = len(keep)
+        if keep:
+            keep += [keep[-1]] * (m - len(keep))  # results are nearest first: pad with the farthest
+            competitors[i] = recon[i, keep]
+    return competitors, found
+
+
+# ---------------------------------------------------------------------------------------------
 # Stages
 # ---------------------------------------------------------------------------------------------
 
@@ -254,12 +311,48 @@ class Activator:
         self.transform = TorchTransform(chain).to(self.device)
         self.embedder = Embedder(self.spec.to_dict(), device=self.device)
         self.model = self.embedder.model
+        self.searcher: Searcher | None = None
+        self.nprobe: int | None = None
+        if self.config.loss == "rank":
+            from raysearch.search import Searcher
+
+            self.searcher = Searcher(store, query_expansion=False)
+            self.nprobe = competitor_nprobe(store, self.trained)
+
+    def activate(self, images: list[np.ndarray], vectors: np.ndarray, image_ids: list[str]) -> tuple[list, np.ndarray]:
+        """(ActivatedImage per image, targets) for images whose stored embeddings are `vectors`.
+
+        With the rank loss, an image without any competitor (the index holds nothing else) is
+        activated with the cosine loss instead.
+        """
+        from raysearch.activate.optimize import activate_batch, quantised_targets
+
+        targets = quantised_targets(self.trained, vectors, self.config.target)
+
+        def run(idx: np.ndarray, config: ActivateConfig, competitors: np.ndarray | None) -> list:
+            return activate_batch(
+                [images[i] for i in idx], targets[idx], self.model, self.spec.input_size, self.spec.resize,
+                config, transform=self.transform, device=self.device, competitors=competitors,
+            )
+
+        everything = np.arange(len(images))
+        if self.searcher is None:
+            return run(everything, self.config, None), targets
+        competitors, found = find_competitors(self.searcher, vectors, image_ids, self.config.competitors, self.nprobe)
+        ranked, alone = everything[found > 0], everything[found == 0]
+        results: list = [None] * len(images)
+        if ranked.size:
+            for i, r in zip(ranked, run(ranked, self.config, competitors[ranked])):
+                results[i] = r
+        if alone.size:
+            log.warning("%d images have no other vector in the index to rank against: cosine loss for them", alone.size)
+            for i, r in zip(alone, run(alone, dataclasses.replace(self.config, loss="cosine"), None)):
+                results[i] = r
+        return results, targets
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
         import torch.nn.functional as F
-
-        from raysearch.activate.optimize import activate_batch, quantised_targets
 
         n = len(batch["row"])
         errors = np.asarray(batch["error"], dtype=object).copy()
@@ -269,12 +362,8 @@ class Activator:
         stats = {k: np.full(n, np.nan) for k in ("psnr", "linf", "cos_before", "cos_after", "dist_before", "dist_after", "scale")}
         if ok:
             vectors = np.asarray(batch["vector"], dtype=np.float32)[ok]
-            targets = quantised_targets(self.trained, vectors, self.config.target)
             images = [np.asarray(batch["pixels"][i], dtype=np.uint8) for i in ok]
-            results = activate_batch(
-                images, targets, self.model, self.spec.input_size, self.spec.resize,
-                self.config, transform=self.transform, device=self.device,
-            )
+            results, targets = self.activate(images, vectors, [str(batch["image_id"][i]) for i in ok])
             # Distances measured as the index will see the images: the stored vector before, and
             # the activated image preprocessed exactly like a build after.
             after = self.embedder.embed_pixels(np.stack([
@@ -372,7 +461,13 @@ def _run_record(store: IndexStore, source_spec: str, config: ActivatePipelineCon
 
 def _same(a: dict, b: dict) -> bool:
     keys = ("index_manifest_sha256", "source", "activate", "format", "quality")
-    return json.dumps({k: a.get(k) for k in keys}, sort_keys=True) == json.dumps({k: b.get(k) for k in keys}, sort_keys=True)
+    defaults = dataclasses.asdict(ActivateConfig())
+
+    def norm(r: dict) -> str:
+        # Options added after a run was recorded take their default, which is how that run behaved.
+        return json.dumps({**{k: r.get(k) for k in keys}, "activate": {**defaults, **(r.get("activate") or {})}}, sort_keys=True)
+
+    return norm(a) == norm(b)
 
 
 def _done_mask(out_dir: str, listing: Listing) -> np.ndarray:

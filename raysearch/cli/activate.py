@@ -17,13 +17,19 @@ def activate(
     out: Annotated[str, typer.Option("--out", "-o", help="Folder for activated images and the report.")],
     iterations: Annotated[int, typer.Option(help="Optimisation steps (Adam).")] = 10,
     lr: Annotated[float, typer.Option(help="Adam learning rate on the perturbation variable.")] = 1.0,
-    lambda_f: Annotated[float, typer.Option(help="Weight of the feature loss 1 - cos(f(x'), target).")] = 1.0,
+    lambda_f: Annotated[float, typer.Option(help="Weight of the feature loss (see --loss).")] = 1.0,
     lambda_i: Annotated[float, typer.Option(help="Weight of the image loss mean((x' - x)^2).")] = 0.2,
     scaling: Annotated[float, typer.Option(help="Multiplier of the JND heatmap (perturbation budget).")] = 3.0,
     target: Annotated[str, typer.Option(help="pq: the PQ reconstruction of the image's indexed vector; ivf: its IVF centroid.")] = "pq",
     psnr: Annotated[Optional[float], typer.Option(help="PSNR floor in dB; perturbations are scaled down to meet it.")] = None,
     augment: Annotated[int, typer.Option(help="Randomly edited views of each image added to the feature loss per step (0: the published method).")] = 0,
     seed: Annotated[int, typer.Option(help="Seed of the edited views.")] = 0,
+    loss: Annotated[str, typer.Option(help=(
+        "Feature loss. cosine: 1 - cos(f(x'), target), pull the feature to its --target (the published "
+        "method); rank: make the image's own PQ code outscore the codes of its --competitors "
+        "nearest other indexed vectors (softmax over distances at temperature --tau; needs --target pq)."))] = "cosine",
+    competitors: Annotated[int, typer.Option(help="With --loss rank: neighbouring codes, found by searching the index, that the own code must outscore.")] = 10,
+    tau: Annotated[float, typer.Option(help="With --loss rank: softmax temperature on squared L2 distances.")] = 0.05,
     format: Annotated[str, typer.Option("--format", help="png (keeps the perturbation) or jpg.")] = "png",
     quality: Annotated[int, typer.Option(help="JPEG quality with --format jpg.")] = 95,
     batch_size: Annotated[int, typer.Option(help="Images optimised together.")] = 8,
@@ -43,7 +49,8 @@ def activate(
     setup_logging(verbose)
     config = ActivatePipelineConfig(
         activate=ActivateConfig(iterations=iterations, lr=lr, lambda_f=lambda_f, lambda_i=lambda_i,
-                                scaling=scaling, target=target, psnr=psnr, augment=augment, seed=seed),
+                                scaling=scaling, target=target, psnr=psnr, augment=augment, seed=seed,
+                                loss=loss, competitors=competitors, tau=tau),
         batch_size=batch_size, concurrency=concurrency, format=format, quality=quality,
         max_error_rate=max_error_rate, progress=progress,
     )

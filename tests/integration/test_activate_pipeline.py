@@ -104,3 +104,56 @@ def test_eval_activation_compares_passive_and_activated_copies(pq_index, to_acti
     assert 0.0 <= doc["recall_at_1"]["activated"]["crop"] <= 1.0
     bad = CliRunner().invoke(app, ["eval", "activation", pq_index, "--activated", out, "--edits", "melt"])
     assert bad.exit_code == 2 and "unknown edits" in bad.output
+
+
+def test_rank_loss_finds_competitors_in_the_index_and_falls_back_without_them(pq_index, photo_folder, monkeypatch):
+    import dataclasses
+
+    from raysearch.activate import optimize, pipeline
+    from raysearch.search import preprocess_image
+
+    act = pipeline.Activator(pq_index, dataclasses.asdict(ActivateConfig(iterations=1, loss="rank", competitors=3)))
+    ids = ["a/img000", "b/img001"]
+    data = [open(os.path.join(photo_folder, i + ".jpg"), "rb").read() for i in ids]
+    vectors = act.embedder.embed_pixels(np.stack([preprocess_image(d, act.spec) for d in data]))
+    competitors, found = pipeline.find_competitors(act.searcher, vectors, ids, 3, act.nprobe)
+    assert competitors.shape == (2, 3, act.searcher.shards[0].d) and found.tolist() == [3, 3]
+    # The index holds 40 vectors in 2 lists, all probed: 39 others per image (its own entry is left
+    # out), and the rows past them repeat the farthest.
+    assert act.nprobe == 2
+    many, found = pipeline.find_competitors(act.searcher, vectors, ids, 45, act.nprobe)
+    assert found.tolist() == [39, 39]
+    assert (many[:, 39:] == many[:, 38:39]).all() and not (many[:, 38] == many[:, 37]).all()
+
+    # An image with no other vector to rank against is activated with the cosine loss.
+    seen = []
+    real = optimize.activate_batch
+
+    def spy(images, targets, *args, **kwargs):
+        seen.append((len(images), args[3].loss, kwargs.get("competitors") is not None))
+        return real(images, targets, *args, **kwargs)
+
+    monkeypatch.setattr(optimize, "activate_batch", spy)
+    monkeypatch.setattr(pipeline, "find_competitors", lambda s, v, i, m, n: (competitors, np.array([0, 3])))
+    small = [np.ascontiguousarray(np.asarray(Image.open(os.path.join(photo_folder, i + ".jpg")).convert("RGB"))[:96, :96]) for i in ids]
+    results, targets = act.activate(small, vectors, ids)
+    assert sorted(seen) == [(1, "cosine", False), (1, "rank", True)]
+    assert [r.pixels.shape for r in results] == [(96, 96, 3)] * 2 and targets.shape == (2, competitors.shape[2])
+
+
+def test_activate_cli_with_the_rank_loss(pq_index, to_activate, tmp_path):
+    import json
+
+    out = tmp_path / "rank"
+    res = CliRunner().invoke(app, ["activate", pq_index, to_activate, "--out", str(out), "--no-progress",
+                                   "--loss", "rank", "--competitors", "3", "--tau", "0.1", "--iterations", "2",
+                                   "--max-error-rate", "0.5"])
+    assert res.exit_code == 0, res.output
+    assert "activated 5 of 6 images (1 errors)" in res.output
+    report = read_report(str(out)).to_pylist()
+    assert len(report) == 5 and all(os.path.exists(r["output"]) and r["linf"] > 0 for r in report)
+    run = json.loads((out / "run.json").read_text())["activate"]
+    assert (run["loss"], run["competitors"], run["tau"]) == ("rank", 3, 0.1)
+    bad = CliRunner().invoke(app, ["activate", pq_index, to_activate, "--out", str(tmp_path / "bad"),
+                                   "--loss", "rank", "--target", "ivf"])
+    assert bad.exit_code == 2 and "needs --target pq" in bad.output

@@ -168,10 +168,69 @@ def test_each_image_keeps_its_best_iterate(tiny_setup):
     for r, im in zip(activate_batch(images, x, net, 64, "squash", ActivateConfig(iterations=6, lr=1.0, lambda_i=0.0)), images):
         assert r.cos_after > 0.999 and r.linf <= 1
 
+
+def _own_probability(f: np.ndarray, own: np.ndarray, competitors: np.ndarray, tau: float) -> np.ndarray:
+    """softmax(-d / tau)[own] over [own, competitors], d = squared L2, f normalised: (n,)."""
+    f = f / np.linalg.norm(f, axis=1, keepdims=True)
+    cands = np.concatenate([own[:, None], competitors], axis=1)
+    logits = -((f[:, None] - cands) ** 2).sum(-1) / tau
+    logits -= logits.max(axis=1, keepdims=True)
+    return np.exp(logits[:, 0]) / np.exp(logits).sum(axis=1)
+
+
+def test_rank_loss_makes_the_own_code_outscore_its_competitors(tiny_setup):
+    net, images, targets, x = tiny_setup
+    # Competitors: reconstructions of the 5 database vectors nearest to each image's feature.
+    rng = np.random.default_rng(3)
+    db = rng.normal(size=(700, x.shape[1])).astype(np.float32) * 0.3 + x[rng.integers(len(x), size=700)]
+    db /= np.linalg.norm(db, axis=1, keepdims=True)
+    index = faiss.index_factory(x.shape[1], "IVF4,PQ4x4", faiss.METRIC_L2)
+    index.train(np.concatenate([db, x]))
+    recon = quantised_targets(index, db, "pq")
+    nearest = np.argsort(((x[:, None] - recon[None]) ** 2).sum(-1), axis=1)[:, :5]
+    own = quantised_targets(index, x, "pq")
+    competitors = recon[nearest]
+    config = ActivateConfig(iterations=10, lr=0.5, loss="rank", competitors=5, tau=0.05)
+    out = activate_batch(images, own, net, 64, "squash", config, competitors=competitors)
+
+    def feats(ims):
+        with torch.no_grad():
+            return net(torch.cat([differentiable_resize(torch.from_numpy(im).permute(2, 0, 1)[None].float() / 255, 64, "squash")
+                                  for im in ims])).numpy()
+
+    before = _own_probability(feats(images), own, competitors, 0.05)
+    after = _own_probability(feats([r.pixels for r in out]), own, competitors, 0.05)
+    assert np.all(after >= before - 1e-3) and np.mean(after - before) > 0.01
+    for r in out:  # cosine to the own target is still reported
+        assert -1.0 <= r.cos_before <= 1.0 and -1.0 <= r.cos_after <= 1.0 and r.linf > 0
+
+
+def test_rank_loss_needs_competitors(tiny_setup):
+    net, images, targets, _ = tiny_setup
+    rank = ActivateConfig(iterations=1, loss="rank", competitors=3)
+    with pytest.raises(ValueError, match="needs competitors"):
+        activate_batch(images, targets, net, 64, "squash", rank)
+    with pytest.raises(ValueError, match="competitors must be"):
+        activate_batch(images, targets, net, 64, "squash", rank, competitors=np.zeros((len(images), 3, 7), np.float32))
+    # The cosine loss ignores them.
+    out = activate_batch(images[:1], targets[:1], net, 64, "squash", ActivateConfig(iterations=1),
+                         competitors=np.zeros((1, 3, targets.shape[1]), np.float32))
+    assert len(out) == 1
+
+
 def test_config_checks():
     with pytest.raises(ValueError, match="--target"):
         ActivateConfig(target="centroid")
     with pytest.raises(ValueError, match="--psnr"):
         ActivateConfig(psnr=5)
+    with pytest.raises(ValueError, match="--loss must be one of"):
+        ActivateConfig(loss="margin")
+    with pytest.raises(ValueError, match="--competitors must be >= 1"):
+        ActivateConfig(loss="rank", competitors=0)
+    for tau in (0.0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="--tau must be a positive number"):
+            ActivateConfig(loss="rank", tau=tau)
+    with pytest.raises(ValueError, match="needs --target pq"):
+        ActivateConfig(loss="rank", target="ivf")
     with pytest.raises(ValueError, match="images but"):
         activate_batch([np.zeros((8, 8, 3), np.uint8)], np.zeros((2, 4), np.float32), _TinyNet(), 32, "squash")
