@@ -16,7 +16,7 @@ Reported per variant: recall@1 per edit (passive / activated), the mean over edi
 
 Usage:
   python benchmarks/activate.py [--references 200 --background 400 --workdir bench-out/activate]
-         [--variants "paper:;lr0.3-aug2:lr=0.3,augment=2"] [--json out.json]
+         [--variants "paper:;lr0.3-aug2:lr=0.3,augment=2;rank:loss=rank,lr=0.5,augment=3"] [--json out.json]
 """
 
 from __future__ import annotations
@@ -35,6 +35,17 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 EDITS = "none,crop,center_crop,rotate,color_jitter,blur,jpeg,resize,overlay,combo"
 
 
+def parse_value(text: str) -> int | float | str:
+    """An option value: int, else float, else the string itself (e.g. loss=rank)."""
+    text = text.strip()
+    for convert in (int, float):
+        try:
+            return convert(text)
+        except ValueError:
+            pass
+    return text
+
+
 def parse_variants(text: str) -> list[tuple[str, dict]]:
     out = []
     for item in [v for v in text.split(";") if v.strip()]:
@@ -42,7 +53,7 @@ def parse_variants(text: str) -> list[tuple[str, dict]]:
         opts: dict = {}
         for kv in [x for x in body.split(",") if x.strip()]:
             k, _, v = kv.partition("=")
-            opts[k.strip()] = float(v) if "." in v else int(v)
+            opts[k.strip()] = parse_value(v)
         out.append((name.strip(), opts))
     return out
 
