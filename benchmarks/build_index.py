@@ -9,9 +9,12 @@ collection is computed once, chunk by chunk.
 Builds, each in its own subprocess, its peak memory sampled as the PSS of the whole process tree
 (Ray's own processes included, shared pages counted once; Linux /proc):
 
-  raysearch xS    build_index with S shards (Ray started first and timed apart), same factory
+  raysearch xS    build_index with S shards, same factory; its time includes starting Ray (one
+                  shard on one machine builds in process, without Ray)
   faiss-1proc     one Python process: read the same Parquet parts, train on the same seeded sample
                   (hence the same quantiser), add everything, write the index
+  faiss+tuning    the same process going on to find the nprobe reaching --target-recall as raysearch
+                  does (exact top-10 of the same held-out vectors, same search over nprobe)
   autofaiss       autofaiss.build_index on the .npy files with the same --max-index-memory, run with
                   the Python of its own virtualenv (it pins numpy < 2 and fails beside pyarrow >= 16)
 
@@ -29,7 +32,7 @@ Setup of the autofaiss baseline (once, from the repository root; .venv-autofaiss
 Usage:
   python benchmarks/build_index.py --n 1000000 --d 256 --shards 1,2,4 --max-index-memory 4G
   python benchmarks/build_index.py --n 50000 --d 256            # a quick check of the script
-Options: --index FACTORY (default auto: raysearch's choice), --cpus (default all), --workdir DIR
+Options: --repeats R (each raysearch and FAISS build R times, interleaved; medians), --index FACTORY (default auto: raysearch's choice), --cpus (default all), --workdir DIR
 (keeps the generated data between runs), --no-autofaiss, --target-recall 0.95.
 """
 
@@ -159,20 +162,23 @@ def make_data(work: str, n: int, d: int, n_clusters: int, seed: int) -> dict:
 
 
 def worker_raysearch(args) -> dict:
-    from raysearch.index.build import IndexConfig, build_index
+    from raysearch.index.build import IndexConfig, build_index, runs_in_process
     from raysearch.runtime import ensure_ray
 
-    t0 = time.perf_counter()
-    ensure_ray(num_cpus=args.cpus)
-    ray_start = time.perf_counter() - t0
     config = IndexConfig(factory=args.index, max_memory=args.max_index_memory, shards=int(args.shards),
                          target_recall=args.target_recall, train_on="cpu")
-    t1 = time.perf_counter()
+    t0 = time.perf_counter()
+    # What `raysearch index` does: Ray is started (here limited to --cpus) unless one shard on one
+    # machine builds in process. Its start is part of the build's time.
+    if not runs_in_process(config):
+        ensure_ray(num_cpus=args.cpus)
+    ray_start = time.perf_counter() - t0
     manifest = build_index(os.path.join(args.workdir, "embeddings"), args.out, config)
     return {
-        "seconds": time.perf_counter() - t1, "ray_start": ray_start, "timings": manifest["timings"],
+        "seconds": time.perf_counter() - t0, "ray_start": ray_start, "timings": manifest["timings"],
         "factory": manifest["factory"], "nprobe": manifest["search"].get("nprobe"),
-        "train_size": manifest["train_size"],
+        "train_size": manifest["train_size"], "builders": manifest["build"].get("in_process") and "in process"
+        or ("actors, vectors kept" if manifest["build"].get("vectors_kept_between_passes") else "tasks, read twice"),
     }
 
 
@@ -184,6 +190,7 @@ def worker_faiss(args) -> dict:
     from raysearch.index.build import choose_positions, make_index, part_sizes
     from raysearch.index.shards import read_vectors
     from raysearch.index.train import train_index
+    from raysearch.index.tune import drop_self, search_param, tune, tune_queries_count
 
     faiss.omp_set_num_threads(args.cpus)
     timings = {}
@@ -198,8 +205,9 @@ def worker_faiss(args) -> dict:
         pos += size
     timings["read"] = time.perf_counter() - t0
     index = make_index(args.index, d, "l2")
-    # The training sample raysearch draws (same seed, same positions): the same quantiser.
-    train_pos, _ = choose_positions(n, fac.training_size(index, n), 0, 1234)
+    # The training sample and tuning queries raysearch draws (same seed, same positions): the
+    # same quantiser.
+    train_pos, query_pos = choose_positions(n, fac.training_size(index, n), tune_queries_count(n), 1234)
     t = time.perf_counter()
     train_index(index, xb[train_pos], seed=1234, train_on="cpu")
     timings["train"] = time.perf_counter() - t
@@ -209,7 +217,23 @@ def worker_faiss(args) -> dict:
     t = time.perf_counter()
     faiss.write_index(index, args.out)
     timings["write"] = time.perf_counter() - t
-    return {"seconds": time.perf_counter() - t0, "timings": timings, "factory": args.index}
+    seconds = time.perf_counter() - t0
+    # What a FAISS user does to learn the nprobe that reaches the target recall, the way raysearch
+    # tunes: exact top-11 of the same held-out indexed vectors, then the same search over nprobe.
+    t = time.perf_counter()
+    xq = xb[query_pos]
+    _, exact = faiss.knn(xq, xb, K + 1)
+    param, values = search_param(index)
+
+    def search_at(q, k, value):
+        if value is not None:
+            faiss.ParameterSpace().set_index_parameter(index, param, int(value))
+        return index.search(q, k)[1]
+
+    tuned = tune(search_at, xq, query_pos, drop_self(exact, query_pos, K), param, values, args.target_recall, K)
+    timings["tune"] = time.perf_counter() - t
+    return {"seconds": seconds, "seconds_tuned": time.perf_counter() - t0, "tuned_nprobe": tuned.value,
+            "timings": timings, "factory": args.index}
 
 
 _AUTOFAISS = """
@@ -268,6 +292,7 @@ def main() -> None:
     ap.add_argument("--cpus", type=int, default=os.cpu_count() or 2)
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--no-autofaiss", action="store_true")
+    ap.add_argument("--repeats", type=int, default=1, help="runs of each raysearch and FAISS build (median reported)")
     ap.add_argument("--worker", choices=["raysearch", "faiss"], help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -298,26 +323,58 @@ def main() -> None:
 
     from raysearch.search import Searcher
 
+    # Each build --repeats times, the builds interleaved (so slow phases of the machine hit all of
+    # them alike); seconds are medians, peak memory the largest, quality from the last run.
+    runs: dict[str, list] = {}
+    shard_counts = [int(x) for x in args.shards.split(",")]
+    for rep in range(args.repeats):
+        for s in shard_counts:
+            out = os.path.join(work, f"raysearch-x{s}")
+            shutil.rmtree(out, ignore_errors=True)
+            res, peak = run_measured(common + ["--worker", "raysearch", "--shards", str(s), "--out", out])
+            print(f"run {rep + 1}/{args.repeats} raysearch x{s}: {res['seconds']:.1f} s ({res['builders']}; "
+                  + ", ".join(f"{k} {v:.1f}" for k, v in res["timings"].items()) + ")", flush=True)
+            runs.setdefault(f"raysearch x{s}", []).append((res, peak))
+            if rep < args.repeats - 1:
+                shutil.rmtree(out, ignore_errors=True)
+        out = os.path.join(work, "faiss-1proc.index")
+        res, peak = run_measured(common + ["--worker", "faiss", "--shards", "1", "--out", out])
+        print(f"run {rep + 1}/{args.repeats} faiss-1proc: {res['seconds']:.1f} s, with tuning {res['seconds_tuned']:.1f} s", flush=True)
+        runs.setdefault("faiss-1proc", []).append((res, peak))
+
+    def median(name: str, key: str = "seconds") -> float:
+        return float(np.median([r[key] for r, _ in runs[name]]))
+
+    def peak_of(name: str) -> int:
+        return max(p for _, p in runs[name])
+
     tuned_x1 = None
-    for s in [int(x) for x in args.shards.split(",")]:
-        out = os.path.join(work, f"raysearch-x{s}")
-        shutil.rmtree(out, ignore_errors=True)
-        res, peak = run_measured(common + ["--worker", "raysearch", "--shards", str(s), "--out", out])
+    for s in shard_counts:
+        name, out = f"raysearch x{s}", os.path.join(work, f"raysearch-x{s}")
+        res = runs[name][-1][0]
         searcher = Searcher(out)
         recall, qps = evaluate(lambda q: searcher.search(q, K).ids, xq, truth)
         tuned_x1 = tuned_x1 or res["nprobe"]
-        rows.append((f"raysearch x{s}", res["factory"], res["seconds"], peak, res["nprobe"], recall, qps,
-                     f"ray start {res['ray_start']:.1f} s; " + ", ".join(f"{k} {v:.1f}" for k, v in res["timings"].items())))
+        times = "/".join(f"{r['seconds']:.1f}" for r, _ in runs[name])
+        rows.append((name, res["factory"], median(name), peak_of(name), res["nprobe"], recall, qps,
+                     f"{res['builders']}; runs {times} s; last: ray start {res['ray_start']:.1f} s, "
+                     + ", ".join(f"{k} {v:.1f}" for k, v in res["timings"].items())))
         print(rows[-1])
         searcher = None  # unmap the shards before removing them
         shutil.rmtree(out, ignore_errors=True)
 
-    out = os.path.join(work, "faiss-1proc.index")
-    res, peak = run_measured(common + ["--worker", "faiss", "--shards", "1", "--out", out])
-    index = faiss.read_index(out)
+    res = runs["faiss-1proc"][-1][0]
+    index = faiss.read_index(out := os.path.join(work, "faiss-1proc.index"))
     recall, qps = evaluate(faiss_search(index, tuned_x1), xq, truth)
-    rows.append(("faiss-1proc", factory, res["seconds"], peak, tuned_x1, recall, qps,
-                 ", ".join(f"{k} {v:.1f}" for k, v in res["timings"].items())))
+    times = "/".join(f"{r['seconds']:.1f}" for r, _ in runs["faiss-1proc"])
+    rows.append(("faiss-1proc", factory, median("faiss-1proc"), peak_of("faiss-1proc"), tuned_x1, recall, qps,
+                 f"runs {times} s; last: " + ", ".join(f"{k} {v:.1f}" for k, v in res["timings"].items() if k != "tune")))
+    print(rows[-1])
+    recall, qps = evaluate(faiss_search(index, res["tuned_nprobe"]), xq, truth)
+    times = "/".join(f"{r['seconds_tuned']:.1f}" for r, _ in runs["faiss-1proc"])
+    rows.append(("faiss+tuning", factory, median("faiss-1proc", "seconds_tuned"), peak_of("faiss-1proc"),
+                 res["tuned_nprobe"], recall, qps,
+                 f"the same runs going on to tune as raysearch does: runs {times} s; last tune {res['timings']['tune']:.1f}"))
     print(rows[-1])
     del index
     os.unlink(out)
@@ -362,9 +419,11 @@ def main() -> None:
     print()
     print(f"{args.n} x {args.d} float32, clustered synthetic ({args.clusters} clusters), --max-index-memory {args.max_index_memory}, "
           f"target recall@10 {args.target_recall}, {args.cpus} CPUs")
-    print(f"{'build':14s} {'factory':32s} {'seconds':>8s} {'peak mem':>10s} {'nprobe':>24s} {'recall@10':>9s} {'queries/s':>10s}  notes")
+    print(f"{'build':14s} {'factory':32s} {'seconds':>8s} {'ratio':>6s} {'peak mem':>10s} {'nprobe':>24s} {'recall@10':>9s} {'queries/s':>10s}  notes")
+    base = next(seconds for name, _, seconds, *_ in rows if name == "faiss-1proc")
     for name, key, seconds, peak, nprobe, recall, qps, notes in rows:
-        print(f"{name:14s} {key:32s} {seconds:8.1f} {gib(peak):>10s} {str(nprobe):>24s} {recall:9.3f} {qps:10.0f}  {notes}")
+        print(f"{name:14s} {key:32s} {seconds:8.1f} {base / seconds:5.2f}x {gib(peak):>10s} {str(nprobe):>24s} "
+              f"{recall:9.3f} {qps:10.0f}  {notes}")
     if not keep:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -3,11 +3,13 @@ merge, tune.
 
     Parquet footers: sizes, dimensions           (no vectors read)
     choose the factory; check it can be trained  (before anything is read)
-    check   N Ray tasks read every vector once: NaN/inf and dimensions refused, the seeded
-            training sample and tuning queries picked out
+    check   N shard builders (Ray actors spread over nodes; one shard on one machine: in this
+            process, without Ray) read every vector once: NaN/inf and dimensions refused, the
+            seeded training sample and tuning queries picked out, the vectors kept when the
+            shares fit in memory
     train   once, on a GPU when there is one            -> trained.index
-    add     N Ray tasks (spread over nodes) add their rows to copies of the trained index and
-            find the tuning queries' exact neighbours   -> shards/shard-*.index + id maps
+    add     the same builders add their rows (kept, or read again) to copies of the trained index
+            and find the tuning queries' exact neighbours -> shards/shard-*.index + id maps
     merge   optionally, inverted lists appended into one index
     tune    smallest nprobe / efSearch reaching --target-recall on the held-out queries
     manifest.json, written last and atomically, with every file's size and checksum
@@ -16,6 +18,7 @@ merge, tune.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import tempfile
 import time
@@ -32,9 +35,8 @@ from raysearch.embed import list_parts, load_embeddings_manifest, read_errors
 from raysearch.index import factory as fac
 from raysearch.index.merge import is_fastscan, merge_into, to_searchable
 from raysearch.index.shards import (
-    add_shard,
+    ShardBuilder,
     merge_knn,
-    pick_rows,
     plan_shards,
     read_vectors,
     write_idmap,
@@ -76,6 +78,7 @@ class IndexConfig:
     tune_queries: int | None = None   # default: min(1000, N/10)
     cpus_per_shard: int | None = None  # default: the cluster's CPUs shared among the shards
     whitening: Any = None       # raysearch.models.whitening.WhiteningConfig: PCA-whitening in front of the index
+    keep_vectors: bool | None = None  # builders keep their share between check and add; None: when it fits in memory
 
     def __post_init__(self) -> None:
         if self.metric not in METRICS:
@@ -216,6 +219,134 @@ def _slices_with_offsets(parts: list[str], plan: list[list[tuple[int, int, int]]
     return out
 
 
+KEEP_FRACTION = 0.3       # builders keep their shares when a node's shares take at most this much of its memory
+ROW_OVERHEAD = 128         # bytes per row besides the vector: id, image_id, uri (an estimate)
+
+
+def runs_in_process(config: IndexConfig) -> bool:
+    """One shard on one machine needs no Ray: its builder runs in this process, which spares
+    Ray's start (several seconds) and a worker process. A Ray cluster of several nodes (joined
+    already or named by RAY_ADDRESS) keeps the builder on Ray."""
+    if config.shards != 1:
+        return False
+    import ray
+
+    if ray.is_initialized():
+        return sum(1 for node in ray.nodes() if node.get("Alive")) == 1
+    return not os.environ.get("RAY_ADDRESS")
+
+
+def available_memory() -> int:
+    """Bytes of memory this machine can still give (MemAvailable; physical memory where unknown)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def shares_fit_in_memory(n: int, dim: int, n_tasks: int, in_process: bool, per_node: int = 1) -> bool:
+    """Whether builders may keep their shares between the check and add passes: the shares one
+    node holds take at most KEEP_FRACTION of its memory (the smallest node's Ray memory resource
+    on a cluster, this machine's available memory in process)."""
+    share = -(-n // max(1, n_tasks)) * (4 * dim + ROW_OVERHEAD)
+    if in_process:
+        return n_tasks * share <= KEEP_FRACTION * available_memory()
+    import ray
+
+    nodes = [nd for nd in ray.nodes() if nd.get("Alive") and nd["Resources"].get("CPU", 0) > 0]
+    smallest = min((float(nd["Resources"].get("memory", 0)) for nd in nodes), default=0.0)
+    return per_node * share <= KEEP_FRACTION * smallest
+
+
+def actor_slots(cpus: float) -> tuple[int, int]:
+    """(builders of `cpus` CPUs each the cluster holds at once, the most one node holds)."""
+    import ray
+
+    per_node = [
+        int(float(nd["Resources"].get("CPU", 0)) / cpus + 1e-9) for nd in ray.nodes() if nd.get("Alive")
+    ]
+    return sum(per_node), max(per_node, default=0)
+
+
+class _Builders:
+    """The shard builders of one build, in one of three forms:
+
+    - in process: one `ShardBuilder` here (one shard on one machine, no Ray);
+    - Ray actors, one per shard, all alive at once, spread over the nodes, each with its share
+      of the cluster's CPUs (a fraction of one when shards outnumber CPUs): they keep their
+      vectors from the check pass to the add pass. Used when every actor fits at once and the
+      shares fit in memory. An actor lost with its node is restarted once and reads its parts again;
+    - Ray tasks, queued by Ray: each pass reads its parts (bounded memory, any shard count).
+    """
+
+    def __init__(self, builders: list, mode: str, cpus: float | None, keep: bool, tasks: list, dim: int):
+        self.builders, self.mode, self.cpus, self.keep = builders, mode, cpus, keep
+        self.tasks, self.dim = tasks, dim
+
+    @classmethod
+    def start(cls, tasks: list, dim: int, n: int, config: IndexConfig, in_process: bool) -> _Builders:
+        if in_process:
+            keep = config.keep_vectors if config.keep_vectors is not None else shares_fit_in_memory(n, dim, 1, True)
+            return cls([ShardBuilder(slices, dim, None, keep) for slices, _ in tasks], "process", None, keep, tasks, dim)
+        import ray
+
+        from raysearch.runtime import cluster_cpus
+
+        n_tasks = len(tasks)
+        cpus = float(config.cpus_per_shard or max(0.01, cluster_cpus() / n_tasks))
+        cpus = int(cpus) if cpus >= 1 else math.floor(cpus * 100) / 100
+        held, most_per_node = actor_slots(cpus)
+        keep = config.keep_vectors is not False and held >= n_tasks
+        if keep and config.keep_vectors is None:
+            keep = shares_fit_in_memory(n, dim, n_tasks, False, per_node=min(n_tasks, most_per_node))
+        if keep:
+            actor = ray.remote(
+                num_cpus=cpus, scheduling_strategy="SPREAD", max_restarts=1, max_task_retries=1
+            )(ShardBuilder)
+            threads = max(1, int(cpus))
+            return cls([actor.remote(slices, dim, threads, True) for slices, _ in tasks], "actors", cpus, True, tasks, dim)
+        cpus = task_cpus(n_tasks, config.cpus_per_shard)
+        return cls([], "tasks", cpus, False, tasks, dim)
+
+    def share(self, value: Any) -> Any:
+        """`value` as every builder receives it (one copy in Ray's object store)."""
+        if self.mode == "process":
+            return value
+        import ray
+
+        return ray.put(value)
+
+    def call(self, method: str, args: list[tuple]) -> list:
+        """builder[i].method(*args[i]) for every shard, in parallel on Ray; their results."""
+        if self.mode == "process":
+            return [getattr(b, method)(*a) for b, a in zip(self.builders, args)]
+        import ray
+
+        if self.mode == "actors":
+            return ray.get([getattr(b, method).remote(*a) for b, a in zip(self.builders, args)])
+        remote = ray.remote(num_cpus=self.cpus, scheduling_strategy="SPREAD")(_run_builder)
+        return ray.get([
+            remote.remote(slices, self.dim, self.cpus, method, *a) for (slices, _), a in zip(self.tasks, args)
+        ])
+
+    def close(self) -> None:
+        if self.mode == "actors":
+            import ray
+
+            for b in self.builders:
+                ray.kill(b)
+        self.builders = []
+
+
+def _run_builder(slices: list, dim: int, threads: int, method: str, *args: Any) -> Any:
+    """One pass of a shard builder that keeps nothing, as a Ray task."""
+    return getattr(ShardBuilder(slices, dim, threads, keep=False), method)(*args)
+
+
 def build_index(
     embeddings_dir: str, index_dir: str, config: IndexConfig = IndexConfig(), extra_manifest: dict[str, Any] | None = None
 ) -> dict[str, Any]:
@@ -223,8 +354,6 @@ def build_index(
 
     `extra_manifest`: more entries for the manifest (e.g. how the embeddings were augmented).
     """
-    import ray
-
     from raysearch.runtime import ensure_ray
 
     timer = Timer()
@@ -266,20 +395,19 @@ def build_index(
     train_pos, query_pos = choose_positions(n, n_train, n_queries, config.seed)
     wanted = np.union1d(train_pos, query_pos)
 
-    ensure_ray()
+    in_process = runs_in_process(config)
+    if not in_process:
+        ensure_ray()
     plan = plan_shards(sizes, config.shards)
     tasks = _slices_with_offsets(parts, plan, sizes)
-    cpus = task_cpus(config.shards, config.cpus_per_shard)
-    spread = {"scheduling_strategy": "SPREAD"}
+    builders = _Builders.start(tasks, dim, n, config, in_process)
+    cpus = builders.cpus
 
     with timer("check"):
-        remote_pick = ray.remote(num_cpus=cpus, **spread)(pick_rows)
-        picked = ray.get([
-            remote_pick.remote(slices, dim, wanted[(wanted >= a) & (wanted < b)], a, cpus)
-            for slices, (a, b) in tasks
-        ])
+        picked = builders.call("check", [(wanted[(wanted >= a) & (wanted < b)], a) for _, (a, b) in tasks])
     if sum(p["n"] for p in picked) != n:
         raise RuntimeError(f"the check pass read {sum(p['n'] for p in picked)} vectors, expected {n}")
+    kept = builders.keep
     x_wanted = np.concatenate([p["x"] for p in picked]) if picked else np.empty((0, dim), np.float32)
     rows_wanted = np.concatenate([p["rows"] for p in picked]) if picked else np.empty(0, np.int64)
     del picked
@@ -298,19 +426,14 @@ def build_index(
 
     merging = config.merge and config.shards > 1
     with timer("add"):
-        remote_add = ray.remote(num_cpus=cpus, **spread)(add_shard)
-        trained_ref = ray.put(trained_bytes)
         # Exact neighbours for tuning are found in the space the index compares (whitened if it whitens).
-        xq_ref = ray.put(xq) if len(xq) else None
-        refs = [
-            remote_add.remote(
-                trained_ref, slices, dim, storage.join(index_dir, shard_name(i)),
-                storage.join(index_dir, shard_ids_name(i)), merging, cpus, xq_ref, TUNE_K + 1, config.metric,
-                whitener is not None,
-            )
-            for i, (slices, _) in enumerate(tasks)
-        ]
-        results = ray.get(refs)
+        trained_arg, xq_arg = builders.share(trained_bytes), (builders.share(xq) if len(xq) else None)
+        results = builders.call("add", [
+            (trained_arg, storage.join(index_dir, shard_name(i)), storage.join(index_dir, shard_ids_name(i)),
+             merging, xq_arg, TUNE_K + 1, config.metric, whitener is not None)
+            for i in range(len(tasks))
+        ])
+    builders.close()
     shard_counts = [r["ntotal"] for r in results]
     if sum(shard_counts) != n:
         raise RuntimeError(f"shards hold {sum(shard_counts)} vectors, expected {n}")
@@ -353,9 +476,12 @@ def build_index(
         "search": search_info,
         "build": {
             "train": train_report,
+            "in_process": in_process,
             "cpus_per_task": cpus,
+            "vectors_kept_between_passes": kept,
             "shard_tasks": [
-                {"shard": i, "node_id": r.get("node_id"), "ntotal": r["ntotal"], "seconds": round(r["seconds"], 3)}
+                {"shard": i, "node_id": r.get("node_id"), "ntotal": r["ntotal"], "seconds": round(r["seconds"], 3),
+                 "reread": r["reread"]}
                 for i, r in enumerate(results)
             ],
         },
@@ -374,7 +500,9 @@ def _train(index: faiss.Index, xt: np.ndarray, config: IndexConfig) -> dict:
     if index.is_trained:
         return {"backend": "none", "device": "cpu", "n_train": 0, "seconds": 0.0, "index": index}
     wants_gpu = config.train_on in ("auto", "faiss-gpu", "torch") or config.train_on.startswith("torch:cuda")
-    if wants_gpu and not _local_gpu():
+    import ray
+
+    if wants_gpu and ray.is_initialized() and not _local_gpu():
         from raysearch.runtime import cluster_gpus
 
         if cluster_gpus() >= 1:

@@ -2,13 +2,15 @@
 
 Every builder starts from the same trained, empty index, so the shards differ only in which vectors
 they hold, and searching all shards and merging the top-k gives what one index over every vector
-gives. A builder holds one Parquet part at a time plus its growing shard: its memory is bounded by
-its share of the collection, never the whole of it.
+gives. A builder holds its share of the collection at most (one Parquet part at a time when it
+reads, or its kept share, released as it is added) plus its growing shard: never the whole set.
 
-Before training, `pick_rows` reads every vector once in the same parallel layout: it refuses NaN/inf
-and wrong dimensions (so no training is wasted on data that cannot be indexed) and picks out the
-seeded training sample and tuning queries. While adding, each builder also finds the tuning
-queries' exact neighbours among its rows, so tuning costs no extra pass over the data.
+A `ShardBuilder` serves both passes of a build. The check pass, before training, reads every
+vector once in the shard layout: it refuses NaN/inf and wrong dimensions (so no training is wasted
+on data that cannot be indexed), picks out the seeded training sample and tuning queries and, when
+the shares fit in memory, keeps the vectors so the add pass does not read them again. While adding,
+each builder also finds the tuning queries' exact neighbours among its rows, so tuning costs no
+extra pass over the data.
 """
 
 from __future__ import annotations
@@ -149,8 +151,25 @@ def add_shard(
     "node_id"} and, with queries, "D" (nq, k) float32 (squared L2 or inner product) and "I" (nq, k)
     int64 listing rows (-1 = none).
     """
-    start = time.perf_counter()
     _use_threads(threads)
+    chunks = (read_vectors(part, lo, hi, dim) for part, lo, hi in slices)
+    return _build_shard(trained, chunks, dim, index_uri, ids_uri, mergeable, xq, k, metric, exact_in_index_space)
+
+
+def _build_shard(
+    trained: bytes | np.ndarray,
+    chunks,
+    dim: int,
+    index_uri: str,
+    ids_uri: str,
+    mergeable: bool,
+    xq: np.ndarray | None,
+    k: int,
+    metric: str,
+    exact_in_index_space: bool,
+) -> dict:
+    """`add_shard` over `chunks`, an iterable of (vectors, (row, image_id, uri) table) pairs."""
+    start = time.perf_counter()
     index = faiss.deserialize_index(np.frombuffer(trained, dtype=np.uint8))
     fastscan = is_fastscan(index)
     index = ensure_ids(to_mergeable(index))
@@ -166,13 +185,13 @@ def add_shard(
         xq = to_space(xq)
     exact = _ExactTopK(xq, k, metric) if xq is not None and len(xq) and k else None
     id_tables = []
-    for part, lo, hi in slices:
-        x, meta = read_vectors(part, lo, hi, dim)
+    for x, meta in chunks:
         rows = meta.column("row").to_numpy().astype(np.int64)
         index.add_with_ids(x, rows)
         if exact is not None:
             exact.add(to_space(x) if to_space is not None else x, rows)
         id_tables.append(meta)
+        del x
     if fastscan and not mergeable:
         index = to_searchable(index)
     write_index(index, index_uri)
@@ -181,6 +200,73 @@ def add_shard(
     if exact is not None:
         out.update(D=exact.D, I=exact.I)
     return out
+
+
+class ShardBuilder:
+    """The builder of one shard across both passes of a build, in this process or as a Ray actor.
+
+    `check` reads the shard's rows once (refusing NaN/inf and wrong dimensions) and returns the
+    rows at the requested positions (training sample, tuning queries); with `keep`, it also keeps
+    the vectors, so that `add`, after training, adds them from memory instead of reading every
+    part a second time. Without them (`keep` off, or an actor restarted on another node) `add`
+    reads its parts again. Kept vectors are released chunk by chunk as they are added, so the
+    builder's peak stays near one copy of its share.
+    """
+
+    def __init__(self, slices: list[tuple[str, int, int]], dim: int, threads: int | None = None, keep: bool = False):
+        self.slices = slices
+        self.dim = dim
+        self.threads = threads
+        self.keep = keep
+        self._kept: list[tuple[np.ndarray, pa.Table]] | None = None
+
+    def check(self, positions: np.ndarray, span_start: int) -> dict:
+        """The check pass over this shard's rows, which start at global position `span_start`.
+
+        Returns {"n": rows read, "x": (m, dim) float32, "rows": (m,) int64 listing rows} for the
+        sorted global `positions` that fall within this shard.
+        """
+        _use_threads(self.threads)
+        kept: list[tuple[np.ndarray, pa.Table]] = []
+        xs, rows = [], []
+        pos = span_start
+        for part, lo, hi in self.slices:
+            x, meta = read_vectors(part, lo, hi, self.dim)
+            mine = positions[(positions >= pos) & (positions < pos + x.shape[0])] - pos
+            if mine.size:
+                xs.append(x[mine])
+                rows.append(meta.column("row").to_numpy()[mine])
+            pos += x.shape[0]
+            if self.keep:
+                kept.append((x, meta))
+        self._kept = kept if self.keep else None
+        return {
+            "n": pos - span_start,
+            "x": np.concatenate(xs) if xs else np.empty((0, self.dim), np.float32),
+            "rows": np.concatenate(rows).astype(np.int64) if rows else np.empty(0, np.int64),
+            "kept": self._kept is not None,
+        }
+
+    def add(
+        self, trained: bytes | np.ndarray, index_uri: str, ids_uri: str, mergeable: bool = False,
+        xq: np.ndarray | None = None, k: int = 0, metric: str = "l2", exact_in_index_space: bool = False,
+    ) -> dict:
+        """`add_shard` for this shard, from the kept vectors when there are any. Returns its dict
+        plus "reread": whether the parts were read again."""
+        _use_threads(self.threads)
+        reread = self._kept is None
+        if reread:
+            chunks = (read_vectors(part, lo, hi, self.dim) for part, lo, hi in self.slices)
+        else:
+            chunks = self._drain()
+        out = _build_shard(trained, chunks, self.dim, index_uri, ids_uri, mergeable, xq, k, metric, exact_in_index_space)
+        return {**out, "reread": reread}
+
+    def _drain(self):
+        kept, self._kept = self._kept or [], None
+        kept.reverse()
+        while kept:
+            yield kept.pop()
 
 
 class _ExactTopK:
@@ -208,27 +294,10 @@ def pick_rows(
     span_start: int,
     threads: int | None = None,
 ) -> dict:
-    """The check pass of one task: read every vector of `slices` (ValueError naming the part and
-    row for NaN/inf or a wrong dimension) and return those at `positions`, global positions in the
-    concatenation of all parts (sorted, within this task's rows, which start at `span_start`).
-
-    Returns {"n": rows read, "x": (m, dim) float32, "rows": (m,) int64 listing rows}.
-    """
-    _use_threads(threads)
-    xs, rows = [], []
-    pos = span_start
-    for part, lo, hi in slices:
-        x, meta = read_vectors(part, lo, hi, dim)
-        mine = positions[(positions >= pos) & (positions < pos + x.shape[0])] - pos
-        if mine.size:
-            xs.append(x[mine])
-            rows.append(meta.column("row").to_numpy()[mine])
-        pos += x.shape[0]
-    return {
-        "n": pos - span_start,
-        "x": np.concatenate(xs) if xs else np.empty((0, dim), np.float32),
-        "rows": np.concatenate(rows).astype(np.int64) if rows else np.empty(0, np.int64),
-    }
+    """The check pass of one shard without keeping its vectors (`ShardBuilder.check`)."""
+    out = ShardBuilder(slices, dim, threads).check(positions, span_start)
+    out.pop("kept")
+    return out
 
 
 def merge_knn(

@@ -67,6 +67,44 @@ def clustered_embeddings(tmp_path_factory):
     return folder, gen
 
 
+@pytest.mark.parametrize("keep", [None, False])
+def test_builders_keep_their_vectors_between_passes_or_read_them_again(random_embeddings, tmp_path, ray_local, keep):
+    folder, xb, xq = random_embeddings
+    out = str(tmp_path / "index")
+    manifest = build_index(folder, out, IndexConfig(factory="IVF16,Flat", shards=3, keep_vectors=keep, train_on="cpu"))
+    build = manifest["build"]
+    assert build["in_process"] is False  # several shards: Ray actors
+    assert build["vectors_kept_between_passes"] is (keep is None)  # 300 kB: auto keeps them
+    assert [t["reread"] for t in build["shard_tasks"]] == [keep is not None] * 3
+    assert manifest["search"]["tuned"] and manifest["search"]["reached"]
+    single = faiss.read_index(os.path.join(out, "trained.index"))
+    single.add_with_ids(xb, np.arange(N, dtype=np.int64))
+    faiss.extract_index_ivf(single).nprobe = 4
+    np.testing.assert_array_equal(Searcher(out).search(xq, 10, nprobe=4).ids, single.search(xq, 10)[1])
+
+
+def test_one_shard_on_one_machine_builds_in_process_without_ray(random_embeddings, tmp_path):
+    import subprocess
+    import sys
+
+    folder, _, xq = random_embeddings
+    out = str(tmp_path / "index")
+    script = (
+        "import json, sys, ray\n"
+        "from raysearch.index.build import IndexConfig, build_index\n"
+        "m = build_index(sys.argv[1], sys.argv[2], IndexConfig(factory='IVF16,Flat', train_on='cpu'))\n"
+        "print(json.dumps({'ray': ray.is_initialized(), 'build': m['build'], 'search': m['search']}))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    done = subprocess.run([sys.executable, "-c", script, folder, out], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    got = json.loads(done.stdout.strip().splitlines()[-1])
+    assert got["ray"] is False and got["build"]["in_process"] is True
+    assert got["build"]["vectors_kept_between_passes"] is True
+    assert got["search"]["tuned"] and got["search"]["reached"]
+    assert Searcher(out).search(xq, 5).ids.shape == (len(xq), 5)
+
+
 def test_tuned_index_reaches_the_target_recall(clustered_embeddings, tmp_path, ray_local):
     folder, gen = clustered_embeddings
     out = str(tmp_path / "index")

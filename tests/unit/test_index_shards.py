@@ -11,7 +11,7 @@ import pytest
 from raysearch.embed import list_parts
 from raysearch.index.build import part_sizes
 from raysearch.index.merge import merge_into, to_searchable
-from raysearch.index.shards import add_shard, merge_knn, pick_rows, plan_shards
+from raysearch.index.shards import ShardBuilder, add_shard, merge_knn, pick_rows, plan_shards
 from raysearch.index.synthetic import write_embeddings
 from raysearch.index.train import train_index
 from raysearch.search import search_shards
@@ -146,6 +146,41 @@ def test_pick_rows_returns_the_requested_positions(vectors):
     assert got["n"] == N - start
     np.testing.assert_array_equal(got["rows"], positions)
     np.testing.assert_array_equal(got["x"], xb[positions])
+
+
+@pytest.mark.parametrize("keep", [True, False])
+def test_builder_adds_its_kept_vectors_without_reading_the_parts_again(vectors, tmp_path, keep):
+    import shutil
+
+    folder, xb, xq = vectors
+    copy = str(tmp_path / "emb")
+    shutil.copytree(folder, copy)
+    trained = faiss.index_factory(D, "IVF16,Flat")
+    train_index(trained, xb[:1500], seed=3, train_on="cpu")
+    blob = faiss.serialize_index(trained).tobytes()
+    parts = list_parts(copy)
+    slices = [(parts[p], lo, hi) for p, lo, hi in plan_shards(part_sizes(parts), 2)[0]]
+    builder = ShardBuilder(slices, D, keep=keep)
+    checked = builder.check(np.array([0, 7]), 0)
+    assert checked["kept"] is keep
+    np.testing.assert_array_equal(checked["x"], xb[[0, 7]])
+    for p in parts:  # the parts are gone: only kept vectors can still be added
+        os.remove(p)
+    path = str(tmp_path / "kept.index")
+    if not keep:
+        with pytest.raises(OSError, match="cannot read embeddings part"):
+            builder.add(blob, path, path + ".ids", xq=xq, k=10)
+        return
+    info = builder.add(blob, path, path + ".ids", xq=xq, k=10)
+    assert info["reread"] is False and info["ntotal"] == sum(hi - lo for _, lo, hi in slices)
+    ref = str(tmp_path / "ref.index")
+    ref_slices = [(os.path.join(folder, "parts", os.path.basename(p)), lo, hi) for p, lo, hi in slices]
+    expected = add_shard(blob, ref_slices, D, ref, ref + ".ids", xq=xq, k=10)
+    np.testing.assert_array_equal(info["I"], expected["I"])
+    a, b = faiss.read_index(path), faiss.read_index(ref)
+    for index in (a, b):
+        faiss.extract_index_ivf(index).nprobe = 16
+    np.testing.assert_array_equal(a.search(xq, 10)[1], b.search(xq, 10)[1])
 
 
 def test_bad_vectors_are_named(tmp_path):
