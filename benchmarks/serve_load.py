@@ -220,6 +220,8 @@ def main() -> None:
     parser.add_argument("--shard-replicas", type=int, default=1)
     parser.add_argument("--replicas", type=int, default=1)
     parser.add_argument("--search-batch-wait-ms", type=float, default=0.0)
+    parser.add_argument("--shards-in-ingress", action="store_true",
+                        help="Serve with `raysearch serve --shards-in-ingress` (no ShardSearcher deployments).")
     parser.add_argument("--workdir", default=None, help="Keep (and reuse) the synthetic index here.")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -248,7 +250,7 @@ def main() -> None:
     config = ServeConfig(index_dir, host="127.0.0.1", port=_free_port(), app_name="serve-load",
                          replicas=args.replicas, shard_replicas=args.shard_replicas, access_log=False,
                          search_batch_wait_s=args.search_batch_wait_ms / 1000.0, shard_timeout_s=10.0,
-                         max_ongoing_requests=max(256, 4 * args.clients))
+                         max_ongoing_requests=max(256, 4 * args.clients), shards_in_ingress=args.shards_in_ingress)
     start = time.perf_counter()
     start_service(config)
     url = service_url(config)

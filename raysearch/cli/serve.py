@@ -35,6 +35,7 @@ def serve_cmd(
     shard_timeout: Annotated[float, typer.Option(help="Seconds to wait for a shard; slower shards are reported in 'missing_shards'.")] = 5.0,
     max_body_mb: Annotated[float, typer.Option(help="Largest request body accepted (MiB); larger ones get 413.")] = 20.0,
     verify: Annotated[bool, typer.Option("--verify/--no-verify", help="Check every shard file against its checksum when loading.")] = True,
+    shards_in_ingress: Annotated[bool, typer.Option(help="Search every shard inside the ingress replica(s) instead of one searcher deployment per shard: one Ray hop less per query (lower latency for light searches); for indexes one replica can map.")] = False,
     detach: Annotated[bool, typer.Option(help="Return once the service is up and leave it running on the Ray cluster (needs --address or $RAY_ADDRESS).")] = False,
     address: Annotated[Optional[str], typer.Option(help="Ray cluster address (default: $RAY_ADDRESS, else a local cluster).")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
@@ -48,7 +49,7 @@ def serve_cmd(
     config = ServeConfig(
         index_dir=index_dir, host=host, port=port, replicas=replicas, shard_replicas=shard_replicas,
         api_key=api_key, shard_timeout_s=shard_timeout, max_body_bytes=int(max_body_mb * 1024 * 1024),
-        verify=verify,
+        verify=verify, shards_in_ingress=shards_in_ingress,
     )
     address = address or os.environ.get("RAY_ADDRESS") or None
     if detach and not address:
@@ -58,7 +59,8 @@ def serve_cmd(
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         typer.echo(f"warning: listening on {host} without --api-key: anyone who can reach port {port} "
                    "can search this index", err=True)
-    typer.echo(f"starting {len(store.shards)} shard searcher(s) for {store.ntotal} vectors ...", err=True)
+    where = "in the ingress" if shards_in_ingress else "searcher(s)"
+    typer.echo(f"starting {len(store.shards)} shard {where} for {store.ntotal} vectors ...", err=True)
     url = service_url(config)
     # SIGTERM (from a process manager) stops the service as cleanly as Ctrl-C, even mid-start.
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)

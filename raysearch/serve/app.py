@@ -45,7 +45,9 @@ def index_info(store: "IndexStore", config: ServeConfig, plan: ResourcePlan) -> 
         "query_expansion_applied": False,
         "shards": [{"name": shard_label(s.name), "count": s.ntotal} for s in store.shards],
         "shard_names": [shard_label(s.name) for s in store.shards],
-        "replicas": {"ingress": config.replicas, "embedder": config.replicas, "shard": config.shard_replicas},
+        "replicas": {"ingress": config.replicas, "embedder": config.replicas,
+                     "shard": 0 if config.shards_in_ingress else config.shard_replicas},
+        "shards_in_ingress": config.shards_in_ingress,
         "resources": {
             "ingress_cpus": plan.ingress_cpus, "embedder_cpus": plan.embedder_cpus,
             "embedder_gpus": plan.embedder_gpus, "shard_cpus": plan.shard_cpus,
@@ -81,13 +83,15 @@ def build_app(config: ServeConfig) -> "Application":
     needs_cluster = any(v is None for v in (config.ingress_cpus, config.embedder_cpus,
                                             config.shard_cpus, config.embedder_gpus))
     cpus, gpus = _cluster_resources() if needs_cluster else (0.0, 0.0)
+    local = config.shards_in_ingress
     plan = plan_resources(
-        len(store.shards), config.replicas, config.shard_replicas, cpus, gpus,
+        1 if local else len(store.shards), config.replicas, config.shard_replicas, cpus, gpus,
         ingress_cpus=config.ingress_cpus, embedder_cpus=config.embedder_cpus,
         embedder_gpus=config.embedder_gpus, shard_cpus=config.shard_cpus,
         embed_threads=config.embed_threads, search_threads=config.search_threads,
     )
-    log.info("serving %s: %d shards; %s", store.index_dir, len(store.shards), plan)
+    log.info("serving %s: %d shards%s; %s", store.index_dir, len(store.shards),
+             " searched in the ingress" if local else "", plan)
     if store.manifest.get("query_expansion"):
         # Query expansion needs a second fan-out with vectors reconstructed by the shards; the
         # service answers with the first round only. Say so rather than differ silently.
@@ -110,7 +114,7 @@ def build_app(config: ServeConfig) -> "Application":
         store.manifest["model"], "cuda" if plan.embedder_gpus > 0 else "cpu", plan.embed_threads,
         config.embed_batch_size, config.embed_batch_wait_s,
     )
-    shards = [
+    shards = [] if local else [
         ShardSearcher.options(
             name=shard_deployment_name(i),
             num_replicas=config.shard_replicas,
@@ -127,10 +131,13 @@ def build_app(config: ServeConfig) -> "Application":
         "max_queries": config.max_queries,
         "max_image_pixels": config.max_image_pixels,
         "api_key_sha256": hash_api_key(config.api_key) if config.api_key else None,
+        # Searching in the ingress: the shards are opened there, with the searcher's share of CPUs.
+        "local_shards": {"index_dir": store.index_dir, "verify": config.verify, "threads": plan.search_threads}
+        if local else None,
     }
     return Ingress.options(
         num_replicas=config.replicas,
-        ray_actor_options={"num_cpus": plan.ingress_cpus},
+        ray_actor_options={"num_cpus": plan.ingress_cpus + (plan.shard_cpus if local else 0.0)},
         logging_config={"enable_access_log": config.access_log},
         **common,
     ).bind(embedder, shards, index_info(store, config, plan), settings)

@@ -137,6 +137,9 @@ class Ingress:
         self.shard_timeout_s = float(settings["shard_timeout_s"])
         self.embed_timeout_s = float(settings["embed_timeout_s"])
         self.max_image_pixels = int(settings.get("max_image_pixels", MAX_PIXELS))
+        self.local_shards: list | None = None
+        if settings.get("local_shards"):
+            self._open_local_shards(**settings["local_shards"])
         self.api_settings = ApiSettings(
             max_body_bytes=int(settings["max_body_bytes"]),
             max_queries=int(settings["max_queries"]),
@@ -185,7 +188,8 @@ class Ingress:
             self._ping(self.embedder, timeout), *(self._ping(h, timeout) for h in self.shards)
         )
         missing = [name for name, ok in zip(self.shard_names, shards_ok) if not ok]
-        info = {"shards": len(self.shards), "missing_shards": missing, "embedder": embedder_ok}
+        n_shards = len(self.local_shards) if self.local_shards is not None else len(self.shards)
+        info = {"shards": n_shards, "missing_shards": missing, "embedder": embedder_ok}
         return embedder_ok and not missing, info
 
     def stats(self) -> dict[str, Any]:
@@ -203,8 +207,26 @@ class Ingress:
         except DecodeError as e:
             raise ApiError(400, f"{f'image {i}: ' if several else ''}{e.reason}") from None
 
+    def _open_local_shards(self, index_dir: str, verify: bool, threads: int) -> None:
+        """--shards-in-ingress: every shard memory-mapped in this replica, as a ShardSearcher would."""
+        import faiss
+
+        from raysearch.index.store import IndexStore
+
+        faiss.omp_set_num_threads(threads)
+        store = IndexStore(index_dir, verify=verify)
+        self.local_shards = [(store.load_shard(i, mmap=True), store.load_ids(i)) for i in range(len(store.shards))]
+        self.local_metric, self.local_nprobe = store.metric, store.nprobe
+
+    def _search_local(self, query: ShardQuery) -> list[ShardHits | None]:
+        return [search_shard(index, ids, [query], self.local_metric, self.local_nprobe)[0]
+                for index, ids in self.local_shards]
+
     async def _ask_shards(self, query: ShardQuery) -> list[ShardHits | None]:
         """Ask every shard at once; a shard that fails or has not answered by the deadline is None."""
+        if self.local_shards is not None:
+            # FAISS releases the GIL: the event loop keeps serving while this searches.
+            return await asyncio.to_thread(self._search_local, query)
         calls = [h.search.remote(query) for h in self.shards]
         tasks = [asyncio.ensure_future(_result(call)) for call in calls]
         done, pending = await asyncio.wait(tasks, timeout=self.shard_timeout_s)

@@ -220,6 +220,40 @@ def test_health_and_stats(http, service, index_dir):
     assert {"multipart/form-data", "application/json"} <= set(body)
 
 
+def test_shards_searched_in_the_ingress_answer_like_the_fanned_out_service(service, http, searcher, photo_folder):
+    """--shards-in-ingress: a second application on the same Serve, no ShardSearcher deployments."""
+    from ray import serve
+
+    from raysearch.serve.app import service_url, start_service
+
+    _, config = service
+    local = ServeConfig(
+        config.index_dir, host="127.0.0.1", port=config.port, app_name=APP + "-local", route_prefix="/local",
+        ingress_cpus=0.1, embedder_cpus=0.2, embedder_gpus=0, shard_cpus=0.1, access_log=False,
+        shards_in_ingress=True,
+    )
+    start_service(local)
+    try:
+        status = serve.status().applications[local.app_name].deployments
+        assert not [name for name in status if name.startswith("ShardSearcher")], list(status)
+        with httpx.Client(base_url=service_url(local), timeout=60) as client:
+            assert client.get("/healthz").json() == {"status": "ok", "shards": 3, "missing_shards": [], "embedder": True}
+            stats = client.get("/stats").json()
+            assert stats["shards_in_ingress"] is True and stats["replicas"]["shard"] == 0
+            xq = _unit_vectors(4, searcher.dim, seed=5)
+            doc = client.post("/search", json={"vector": xq.tolist(), "k": 6}).json()
+            assert doc["partial"] is False
+            for hits, expected in zip(doc["results"], _expected(searcher, xq, 6)):
+                _assert_same(hits, expected)
+            fanned = http.post("/search", json={"vector": xq.tolist(), "k": 6, "nprobe": 2}).json()
+            assert client.post("/search", json={"vector": xq.tolist(), "k": 6, "nprobe": 2}).json()["results"] == fanned["results"]
+            path = _images(photo_folder)[3]
+            image = client.post("/search", files={"image": ("q.jpg", open(path, "rb").read())}, data={"k": "3"}).json()
+            assert image["results"][0]["uri"] == path
+    finally:
+        serve.delete(local.app_name)
+
+
 # ---------------------------------------------------------------------------------------------
 # Bad requests and the API key
 # ---------------------------------------------------------------------------------------------
