@@ -220,6 +220,9 @@ def _slices_with_offsets(parts: list[str], plan: list[list[tuple[int, int, int]]
 
 
 KEEP_FRACTION = 0.3       # builders keep their shares when a node's shares take at most this much of its memory
+# Below this share size, reading a share again costs less than starting a process for each builder
+# (Ray tasks reuse worker processes; actors start their own): Ray builders keep nothing.
+KEEP_MIN_SHARE_BYTES = 256 << 20
 ROW_OVERHEAD = 128         # bytes per row besides the vector: id, image_id, uri (an estimate)
 
 
@@ -279,7 +282,8 @@ class _Builders:
     - Ray actors, one per shard, all alive at once, spread over the nodes, each with its share
       of the cluster's CPUs (a fraction of one when shards outnumber CPUs): they keep their
       vectors from the check pass to the add pass. Used when every actor fits at once and the
-      shares fit in memory. An actor lost with its node is restarted once and reads its parts again;
+      shares are worth keeping (at least KEEP_MIN_SHARE_BYTES each) and fit in memory. An actor
+      lost with its node is restarted once and reads its parts again;
     - Ray tasks, queued by Ray: each pass reads its parts (bounded memory, any shard count).
     """
 
@@ -302,7 +306,9 @@ class _Builders:
         held, most_per_node = actor_slots(cpus)
         keep = config.keep_vectors is not False and held >= n_tasks
         if keep and config.keep_vectors is None:
-            keep = shares_fit_in_memory(n, dim, n_tasks, False, per_node=min(n_tasks, most_per_node))
+            share = -(-n // n_tasks) * (4 * dim + ROW_OVERHEAD)
+            keep = share >= KEEP_MIN_SHARE_BYTES and shares_fit_in_memory(
+                n, dim, n_tasks, False, per_node=min(n_tasks, most_per_node))
         if keep:
             actor = ray.remote(
                 num_cpus=cpus, scheduling_strategy="SPREAD", max_restarts=1, max_task_retries=1
