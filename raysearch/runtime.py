@@ -79,3 +79,15 @@ class Timer:
             elapsed = time.perf_counter() - start
             self.seconds[name] = self.seconds.get(name, 0.0) + elapsed
             log.info("%s took %.2f s", name, elapsed)
+
+
+def available_memory() -> int:
+    """Bytes of memory this machine can still give (MemAvailable; physical memory where unknown)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")

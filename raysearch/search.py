@@ -165,13 +165,14 @@ class VectorLookup:
 
 
 class Searcher:
-    """All shards of an index in one process (memory-mapped where FAISS allows).
+    """All shards of an index in one process (read into memory, or memory-mapped where FAISS allows
+    when they would take more than a quarter of the available memory: `IndexStore.prefers_mmap`).
 
     `query_expansion`: the alpha-QE applied by `search` when it is not given per call; by default
     the one recorded in the index manifest at build time (or none).
     """
 
-    def __init__(self, index_dir: str | IndexStore, mmap: bool = True, verify: bool = True,
+    def __init__(self, index_dir: str | IndexStore, mmap: bool | None = None, verify: bool = True,
                  query_expansion: QueryExpansion | None | bool = None):
         self.store = index_dir if isinstance(index_dir, IndexStore) else IndexStore(index_dir, verify=verify)
         self.shards = [self.store.load_shard(i, mmap=mmap) for i in range(len(self.store.shards))]

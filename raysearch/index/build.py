@@ -53,7 +53,7 @@ from raysearch.index.store import (
 )
 from raysearch.index.train import check_train_on, faiss_gpus, train_index, train_serialized
 from raysearch.index.tune import TuneResult, drop_self, search_param, tune, tune_queries_count
-from raysearch.runtime import Timer
+from raysearch.runtime import Timer, available_memory
 
 log = logging.getLogger("raysearch")
 METRICS = {"l2": faiss.METRIC_L2, "ip": faiss.METRIC_INNER_PRODUCT}
@@ -237,18 +237,6 @@ def runs_in_process(config: IndexConfig) -> bool:
     if ray.is_initialized():
         return sum(1 for node in ray.nodes() if node.get("Alive")) == 1
     return not os.environ.get("RAY_ADDRESS")
-
-
-def available_memory() -> int:
-    """Bytes of memory this machine can still give (MemAvailable; physical memory where unknown)."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def shares_fit_in_memory(n: int, dim: int, n_tasks: int, in_process: bool, per_node: int = 1) -> bool:

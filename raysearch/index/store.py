@@ -120,6 +120,11 @@ def local_file(index_dir: str, name: str, expected: dict[str, Any] | None = None
     return target
 
 
+# An index whose shards take more than this share of the memory still available is memory-mapped
+# for search; smaller ones are read into memory, where FAISS scans inverted lists faster.
+MMAP_FRACTION = 0.25
+
+
 def read_index_file(path: str, mmap: bool) -> faiss.Index:
     """Read a FAISS index. With mmap, inverted lists and codes stay on disk and pages load on
     demand, so a shard larger than RAM still serves (FAISS supports this for IVF and Flat codes)."""
@@ -194,9 +199,21 @@ class IndexStore:
         for name, expected in self._files.items():
             verify_file(self.index_dir, name, expected, checksum=True)
 
-    def load_shard(self, i: int, mmap: bool = True) -> faiss.Index:
+    def shard_bytes(self) -> int:
+        """Total size of the shard files, from the manifest."""
+        return sum(int(self._files.get(s.name, {}).get("size", 0)) for s in self.shards)
+
+    def prefers_mmap(self) -> bool:
+        """Memory-map the shards when all of them together would take more than MMAP_FRACTION of
+        the memory available now (so a shard bigger than RAM still serves); else read them in."""
+        from raysearch.runtime import available_memory
+
+        return self.shard_bytes() > MMAP_FRACTION * available_memory()
+
+    def load_shard(self, i: int, mmap: bool | None = None) -> faiss.Index:
+        """Shard i, checked against the manifest. mmap None: `prefers_mmap()`."""
         shard = self.shards[i]
-        index = read_index_file(self._checked_local(shard.name), mmap=mmap)
+        index = read_index_file(self._checked_local(shard.name), mmap=self.prefers_mmap() if mmap is None else mmap)
         if index.d != self.dim:
             raise IndexFormatError(f"shard {shard.name} has dimension {index.d}, the manifest says {self.dim}")
         if index.ntotal != shard.ntotal:

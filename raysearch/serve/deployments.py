@@ -76,7 +76,8 @@ class QueryEmbedder:
 
 @serve.deployment(name="ShardSearcher")
 class ShardSearcher:
-    """One shard of the index, memory-mapped; answers ShardQuery -> ShardHits.
+    """One shard of the index (memory-mapped when the index is large: IndexStore.prefers_mmap);
+    answers ShardQuery -> ShardHits.
 
     Concurrent requests are batched into one FAISS search (per distinct nprobe); vector ids are
     mapped to image_id and uri here, next to the shard's own id map.
@@ -91,7 +92,7 @@ class ShardSearcher:
         faiss.omp_set_num_threads(search_threads)
         store = IndexStore(index_dir, verify=verify)
         self.shard = shard
-        self.index = store.load_shard(shard, mmap=True)
+        self.index = store.load_shard(shard)
         self.id_map = store.load_ids(shard)
         self.metric = store.metric
         self.default_nprobe = store.nprobe  # the tuned value from the manifest
@@ -208,14 +209,14 @@ class Ingress:
             raise ApiError(400, f"{f'image {i}: ' if several else ''}{e.reason}") from None
 
     def _open_local_shards(self, index_dir: str, verify: bool, threads: int) -> None:
-        """--shards-in-ingress: every shard memory-mapped in this replica, as a ShardSearcher would."""
+        """--shards-in-ingress: every shard opened in this replica, as a ShardSearcher would."""
         import faiss
 
         from raysearch.index.store import IndexStore
 
         faiss.omp_set_num_threads(threads)
         store = IndexStore(index_dir, verify=verify)
-        self.local_shards = [(store.load_shard(i, mmap=True), store.load_ids(i)) for i in range(len(store.shards))]
+        self.local_shards = [(store.load_shard(i), store.load_ids(i)) for i in range(len(store.shards))]
         self.local_metric, self.local_nprobe = store.metric, store.nprobe
 
     def _search_local(self, query: ShardQuery) -> list[ShardHits | None]:

@@ -220,3 +220,23 @@ def test_cli_reports_bad_input_in_one_line(tmp_path, ray_local):
     assert "needs at least 512 training vectors" in res.output
     res = CliRunner().invoke(app, ["index", folder, "--out", str(tmp_path / "i"), "--train-on", "tpu"])
     assert res.exit_code == 2 and "--train-on" in res.output
+
+
+def test_searcher_reads_small_indexes_into_memory_and_maps_large_ones(random_embeddings, tmp_path, ray_local, monkeypatch):
+    from raysearch.index import store as store_module
+
+    folder, _, xq = random_embeddings
+    out = str(tmp_path / "index")
+    build_index(folder, out, IndexConfig(factory="IVF16,Flat", shards=2, nprobe=4, train_on="cpu", keep_vectors=False))
+
+    def lists(searcher):
+        return {type(faiss.downcast_InvertedLists(faiss.extract_index_ivf(s).invlists)).__name__ for s in searcher.shards}
+
+    in_memory = Searcher(out)
+    assert not in_memory.store.prefers_mmap() and lists(in_memory) == {"ArrayInvertedLists"}
+    monkeypatch.setattr(store_module, "MMAP_FRACTION", 0.0)  # as if the shards were larger than RAM allows
+    mapped = Searcher(out)
+    assert mapped.store.prefers_mmap() and lists(mapped) == {"OnDiskInvertedLists"}
+    a, b = in_memory.search(xq, 10), mapped.search(xq, 10)
+    np.testing.assert_array_equal(a.ids, b.ids)
+    np.testing.assert_array_equal(a.scores, b.scores)
