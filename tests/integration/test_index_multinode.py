@@ -46,7 +46,8 @@ def three_node_cluster():
             ensure_ray(num_cpus=2)
 
 
-def test_shards_are_built_on_more_than_one_node(three_node_cluster, tmp_path):
+@pytest.mark.parametrize("keep", [None, True])
+def test_shards_are_built_on_more_than_one_node(three_node_cluster, tmp_path, keep):
     import ray
 
     x = np.random.default_rng(11).standard_normal((2450, 16)).astype(np.float32)
@@ -57,7 +58,9 @@ def test_shards_are_built_on_more_than_one_node(three_node_cluster, tmp_path):
     assert len(node_ids) == 3
 
     out = str(tmp_path / "index")
-    manifest = build_index(folder, out, IndexConfig(factory="IVF8,Flat", shards=3, target_recall=0.9))
+    # Small shares are read twice by Ray tasks; keep_vectors=True makes the builders actors.
+    manifest = build_index(folder, out, IndexConfig(factory="IVF8,Flat", shards=3, target_recall=0.9, keep_vectors=keep))
+    assert manifest["build"]["vectors_kept_between_passes"] is (keep is True)
     tasks = manifest["build"]["shard_tasks"]
     used = {t["node_id"] for t in tasks}
     assert len(tasks) == 3 and all(t["ntotal"] == 800 for t in tasks)
