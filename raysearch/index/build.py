@@ -3,10 +3,10 @@ merge, tune.
 
     Parquet footers: sizes, dimensions           (no vectors read)
     choose the factory; check it can be trained  (before anything is read)
-    check   N shard builders (Ray actors spread over nodes; one shard on one machine: in this
-            process, without Ray) read every vector once: NaN/inf and dimensions refused, the
-            seeded training sample and tuning queries picked out, the vectors kept when the
-            shares fit in memory
+    check   N shard builders (Ray actors or tasks spread over nodes; one shard on one machine:
+            in this process, without Ray) read every vector once: NaN/inf and dimensions refused,
+            the seeded training sample and tuning queries picked out, the vectors kept when the
+            shares are large enough to be worth it and fit in memory
     train   once, on a GPU when there is one            -> trained.index
     add     the same builders add their rows (kept, or read again) to copies of the trained index
             and find the tuning queries' exact neighbours -> shards/shard-*.index + id maps
@@ -49,6 +49,7 @@ from raysearch.index.store import (
     read_index_file,
     shard_ids_name,
     shard_name,
+    wants_mmap,
     write_manifest,
 )
 from raysearch.index.train import check_train_on, faiss_gpus, train_index, train_serialized
@@ -521,12 +522,12 @@ def _local_gpu() -> bool:
 
 
 def open_shard_files(index_dir: str, entries: list[dict], tmp: str) -> list[faiss.Index]:
-    """The shards just written, memory-mapped where local (copied to `tmp` when remote)."""
-    out = []
-    for e in entries:
-        path = storage.local_copy(storage.join(index_dir, e["name"]), tmp)
-        out.append(read_index_file(path, mmap=True))
-    return out
+    """The shards just written (copied to `tmp` when remote), in memory or memory-mapped by the
+    rule searchers follow (`store.wants_mmap`)."""
+    paths = [storage.local_copy(storage.join(index_dir, e["name"]), tmp) for e in entries]
+    # Opened as searchers will open them, so the recorded latencies are theirs.
+    mmap = wants_mmap(sum(os.path.getsize(p) for p in paths))
+    return [read_index_file(p, mmap=mmap) for p in paths]
 
 
 def _search_settings(

@@ -125,6 +125,13 @@ def local_file(index_dir: str, name: str, expected: dict[str, Any] | None = None
 MMAP_FRACTION = 0.25
 
 
+def wants_mmap(shard_bytes: int) -> bool:
+    """Whether shards of `shard_bytes` in all should be memory-mapped rather than read in."""
+    from raysearch.runtime import available_memory
+
+    return shard_bytes > MMAP_FRACTION * available_memory()
+
+
 def read_index_file(path: str, mmap: bool) -> faiss.Index:
     """Read a FAISS index. With mmap, inverted lists and codes stay on disk and pages load on
     demand, so a shard larger than RAM still serves (FAISS supports this for IVF and Flat codes)."""
@@ -166,6 +173,7 @@ class IndexStore:
                 if name not in files:
                     raise IndexFormatError(f"manifest of {self.index_dir} lists no checksum for {name}")
         self._files = files
+        self._mmap: bool | None = None  # prefers_mmap(), once decided
 
     @property
     def dim(self) -> int:
@@ -205,10 +213,11 @@ class IndexStore:
 
     def prefers_mmap(self) -> bool:
         """Memory-map the shards when all of them together would take more than MMAP_FRACTION of
-        the memory available now (so a shard bigger than RAM still serves); else read them in."""
-        from raysearch.runtime import available_memory
-
-        return self.shard_bytes() > MMAP_FRACTION * available_memory()
+        the memory available (so a shard bigger than RAM still serves); else read them in.
+        Decided once per store, so every shard it loads is opened the same way."""
+        if self._mmap is None:
+            self._mmap = wants_mmap(self.shard_bytes())
+        return self._mmap
 
     def load_shard(self, i: int, mmap: bool | None = None) -> faiss.Index:
         """Shard i, checked against the manifest. mmap None: `prefers_mmap()`."""

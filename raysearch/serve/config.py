@@ -48,7 +48,7 @@ class ServeConfig:
     search_threads: int | None = None
     health_check_period_s: float = 2.0  # how soon Serve notices (and replaces) a dead replica
     access_log: bool = True           # one log line per HTTP request (Ingress only)
-    # Search every shard inside each Ingress replica (memory-mapped there) instead of one
+    # Search every shard inside each Ingress replica (opened there) instead of one
     # ShardSearcher deployment per shard: one Ray hop less per query, for indexes one replica holds.
     shards_in_ingress: bool = False
 

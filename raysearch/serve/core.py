@@ -52,6 +52,26 @@ class NoShardAnswered(RuntimeError):
     """Not one shard answered: the service cannot give even a partial result."""
 
 
+@dataclass
+class OpenShards:
+    """Shards of an index opened for searching in one replica, with what searching them needs."""
+
+    shards: list[tuple[faiss.Index, IdMap]]
+    metric: str
+    default_nprobe: int | None   # the tuned value from the manifest
+
+
+def open_shards(index_dir: str, which: list[int] | None, verify: bool, threads: int) -> OpenShards:
+    """Open shards `which` (None: all) of an index as a searcher replica does: checked against the
+    manifest, in memory or memory-mapped (`IndexStore.prefers_mmap`), FAISS on `threads` threads."""
+    from raysearch.index.store import IndexStore
+
+    faiss.omp_set_num_threads(threads)
+    store = IndexStore(index_dir, verify=verify)
+    which = list(range(len(store.shards))) if which is None else which
+    return OpenShards([(store.load_shard(i), store.load_ids(i)) for i in which], store.metric, store.nprobe)
+
+
 def search_shard(
     index: faiss.Index,
     id_map: IdMap,

@@ -20,7 +20,16 @@ import numpy as np
 from ray import serve
 
 from raysearch.serve.api import ApiError, ApiSettings, SearchAnswer, create_api
-from raysearch.serve.core import NoShardAnswered, ShardHits, ShardQuery, hits_to_json, merge_shard_hits, search_shard
+from raysearch.serve.core import (
+    NoShardAnswered,
+    OpenShards,
+    ShardHits,
+    ShardQuery,
+    hits_to_json,
+    merge_shard_hits,
+    open_shards,
+    search_shard,
+)
 
 log = logging.getLogger("raysearch.serve")
 
@@ -85,17 +94,11 @@ class ShardSearcher:
 
     def __init__(self, index_dir: str, shard: int, verify: bool, search_threads: int,
                  max_batch_size: int, batch_wait_timeout_s: float):
-        import faiss
-
-        from raysearch.index.store import IndexStore
-
-        faiss.omp_set_num_threads(search_threads)
-        store = IndexStore(index_dir, verify=verify)
+        opened = open_shards(index_dir, [shard], verify, search_threads)
         self.shard = shard
-        self.index = store.load_shard(shard)
-        self.id_map = store.load_ids(shard)
-        self.metric = store.metric
-        self.default_nprobe = store.nprobe  # the tuned value from the manifest
+        (self.index, self.id_map), = opened.shards
+        self.metric = opened.metric
+        self.default_nprobe = opened.default_nprobe
         self.search_batch.set_max_batch_size(max_batch_size)
         self.search_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
         self.batches = _BatchLog()
@@ -138,9 +141,11 @@ class Ingress:
         self.shard_timeout_s = float(settings["shard_timeout_s"])
         self.embed_timeout_s = float(settings["embed_timeout_s"])
         self.max_image_pixels = int(settings.get("max_image_pixels", MAX_PIXELS))
-        self.local_shards: list | None = None
-        if settings.get("local_shards"):
-            self._open_local_shards(**settings["local_shards"])
+        # --shards-in-ingress: every shard opened in this replica, as the ShardSearchers would.
+        local = settings.get("local_shards")
+        self.local: OpenShards | None = (
+            open_shards(local["index_dir"], None, local["verify"], local["threads"]) if local else None
+        )
         self.api_settings = ApiSettings(
             max_body_bytes=int(settings["max_body_bytes"]),
             max_queries=int(settings["max_queries"]),
@@ -189,7 +194,7 @@ class Ingress:
             self._ping(self.embedder, timeout), *(self._ping(h, timeout) for h in self.shards)
         )
         missing = [name for name, ok in zip(self.shard_names, shards_ok) if not ok]
-        n_shards = len(self.local_shards) if self.local_shards is not None else len(self.shards)
+        n_shards = len(self.local.shards) if self.local is not None else len(self.shards)
         info = {"shards": n_shards, "missing_shards": missing, "embedder": embedder_ok}
         return embedder_ok and not missing, info
 
@@ -208,24 +213,14 @@ class Ingress:
         except DecodeError as e:
             raise ApiError(400, f"{f'image {i}: ' if several else ''}{e.reason}") from None
 
-    def _open_local_shards(self, index_dir: str, verify: bool, threads: int) -> None:
-        """--shards-in-ingress: every shard opened in this replica, as a ShardSearcher would."""
-        import faiss
-
-        from raysearch.index.store import IndexStore
-
-        faiss.omp_set_num_threads(threads)
-        store = IndexStore(index_dir, verify=verify)
-        self.local_shards = [(store.load_shard(i), store.load_ids(i)) for i in range(len(store.shards))]
-        self.local_metric, self.local_nprobe = store.metric, store.nprobe
-
     def _search_local(self, query: ShardQuery) -> list[ShardHits | None]:
-        return [search_shard(index, ids, [query], self.local_metric, self.local_nprobe)[0]
-                for index, ids in self.local_shards]
+        assert self.local is not None
+        return [search_shard(index, ids, [query], self.local.metric, self.local.default_nprobe)[0]
+                for index, ids in self.local.shards]
 
     async def _ask_shards(self, query: ShardQuery) -> list[ShardHits | None]:
         """Ask every shard at once; a shard that fails or has not answered by the deadline is None."""
-        if self.local_shards is not None:
+        if self.local is not None:
             # FAISS releases the GIL: the event loop keeps serving while this searches.
             return await asyncio.to_thread(self._search_local, query)
         calls = [h.search.remote(query) for h in self.shards]
