@@ -15,6 +15,7 @@ Goals (issue): no errors; concurrent serve queries/s >= 0.5 x in-process; p50 ov
 
 Usage:
   python benchmarks/serve_load.py --vectors 100000 --shards 3 --clients 16 --seconds 30
+  python benchmarks/serve_load.py --vectors 100000 --shards 3 --shards-in-ingress --direct-ingress
   python benchmarks/serve_load.py --vectors 5000 --clients 4 --seconds 5      # quick check
 """
 
@@ -222,6 +223,8 @@ def main() -> None:
     parser.add_argument("--search-batch-wait-ms", type=float, default=0.0)
     parser.add_argument("--shards-in-ingress", action="store_true",
                         help="Serve with `raysearch serve --shards-in-ingress` (no ShardSearcher deployments).")
+    parser.add_argument("--direct-ingress", action="store_true",
+                        help="Serve with `raysearch serve --direct-ingress` and query the ingress replica's own port.")
     parser.add_argument("--workdir", default=None, help="Keep (and reuse) the synthetic index here.")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -231,11 +234,13 @@ def main() -> None:
 
     from raysearch.runtime import cluster_cpus, ensure_ray
     from raysearch.search import Searcher
-    from raysearch.serve.app import service_url, start_service
+    from raysearch.serve.app import direct_urls, enable_direct_ingress_env, service_url, start_service
     from raysearch.serve.config import ServeConfig
 
     workdir = args.workdir or tempfile.mkdtemp(prefix="raysearch-serve-load-")
     os.makedirs(workdir, exist_ok=True)
+    if args.direct_ingress:
+        enable_direct_ingress_env()  # read by Serve's processes when Ray starts, just below
     ensure_ray()
     index_dir = ensure_index(workdir, args.vectors, args.shards, args.factory, args.seed)
     xq = query_vectors(index_dir, args.queries, args.seed + 1)
@@ -252,8 +257,8 @@ def main() -> None:
                          search_batch_wait_s=args.search_batch_wait_ms / 1000.0, shard_timeout_s=10.0,
                          max_ongoing_requests=max(256, 4 * args.clients), shards_in_ingress=args.shards_in_ingress)
     start = time.perf_counter()
-    start_service(config)
-    url = service_url(config)
+    start_service(config, direct_ingress=args.direct_ingress)
+    url = direct_urls(config)[0] if args.direct_ingress else service_url(config)
     print(f"service up at {url} in {time.perf_counter() - start:.1f} s", flush=True)
 
     results = []

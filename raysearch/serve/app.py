@@ -8,6 +8,8 @@ shard); nothing runs until it is passed to `serve.run` (`start_service` does tha
 from __future__ import annotations
 
 import logging
+import os
+import time
 from typing import TYPE_CHECKING, Any
 
 from raysearch.serve.config import ServeConfig
@@ -149,17 +151,75 @@ def app_builder(args: dict[str, Any]) -> "Application":
     return build_app(ServeConfig.from_args(args))
 
 
-def start_service(config: ServeConfig, address: str | None = None) -> "DeploymentHandle":
+def start_service(config: ServeConfig, address: str | None = None, direct_ingress: bool = False) -> "DeploymentHandle":
     """Start Serve's HTTP proxy on config.host:config.port (Ray started or joined first), deploy
-    the application and wait until every replica is up. Returns the Ingress handle."""
+    the application and wait until every replica is up. Returns the Ingress handle.
+
+    direct_ingress: each Ingress replica also answers HTTP itself, on a port of its own (Ray Serve's
+    direct ingress; `direct_urls` lists them), without the hop through the Serve proxy. A Ray that
+    this call starts is started with it enabled; a running cluster must have been started with
+    RAY_SERVE_ENABLE_DIRECT_INGRESS=1, else this raises (and removes the application it deployed).
+    """
+    import ray
     from ray import serve
 
     from raysearch.runtime import ensure_ray
 
+    if direct_ingress and not ray.is_initialized() and not (address or os.environ.get("RAY_ADDRESS")):
+        enable_direct_ingress_env()
     ensure_ray(address)
     serve.start(http_options={"host": config.host, "port": config.port})
     _check_http_address(config)
-    return serve.run(build_app(config), name=config.app_name, route_prefix=config.route_prefix)
+    handle = serve.run(build_app(config), name=config.app_name, route_prefix=config.route_prefix)
+    if direct_ingress and not direct_urls(config):
+        serve.delete(config.app_name)
+        raise ValueError(
+            "this Ray cluster's Serve has no direct ingress: start the cluster with "
+            f"{DIRECT_INGRESS_ENV}=1 in its environment (e.g. `{DIRECT_INGRESS_ENV}=1 ray start --head`), "
+            "or serve without --direct-ingress"
+        )
+    return handle
+
+
+# Ray Serve reads these when its controller and replicas start (so: before Ray starts).
+DIRECT_INGRESS_ENV = "RAY_SERVE_ENABLE_DIRECT_INGRESS"
+# How long a stopping ingress replica keeps its own port open for load balancers (Serve: 30 s);
+# a service started by raysearch stops in about a second unless the user asks for more.
+DIRECT_DRAIN_ENV = "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"
+DIRECT_DRAIN_S = "1"
+
+
+def enable_direct_ingress_env() -> None:
+    """Environment for a Ray about to be started here, with Serve's direct ingress on."""
+    os.environ[DIRECT_INGRESS_ENV] = "1"
+    os.environ.setdefault(DIRECT_DRAIN_ENV, DIRECT_DRAIN_S)
+
+
+def direct_urls(config: ServeConfig, wait_s: float = 5.0) -> list[str]:
+    """The URLs at which the Ingress replicas of `config.app_name` answer directly (direct
+    ingress), one per replica; [] when Serve routes everything through its proxies.
+
+    Reads the Serve controller's target groups (what a load balancer in front of the replicas
+    would read); waits up to `wait_s` for replicas that are still opening their ports.
+    """
+    import ray
+    from ray.serve.context import _get_global_client
+
+    controller = _get_global_client()._controller
+    deadline = time.monotonic() + wait_s
+    while True:
+        groups = ray.get(controller.get_target_groups.remote(config.app_name))
+        targets = [t for g in groups if str(getattr(g.protocol, "value", g.protocol)).upper() == "HTTP"
+                   for t in g.targets if str(t.name).startswith("SERVE_REPLICA::")]
+        if targets or time.monotonic() >= deadline:
+            break
+        time.sleep(0.5)
+    urls = []
+    for t in sorted(targets, key=lambda t: (t.ip, t.port)):
+        # Replicas bind config.host: loopback stays loopback; a wildcard is reached at the node's IP.
+        host = t.ip if config.host in ("0.0.0.0", "::", "") else config.host
+        urls.append(_url(host, int(t.port), config.route_prefix))
+    return urls
 
 
 def _check_http_address(config: ServeConfig) -> None:
@@ -179,9 +239,14 @@ def _check_http_address(config: ServeConfig) -> None:
 
 
 def service_url(config: ServeConfig) -> str:
-    host = "127.0.0.1" if config.host in ("0.0.0.0", "::", "") else config.host
+    """The service's address through the Serve proxy (what `raysearch serve` prints)."""
+    return _url(config.host, config.port, config.route_prefix)
+
+
+def _url(host: str, port: int, route_prefix: str) -> str:
+    host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
     host = f"[{host}]" if ":" in host else host
-    return f"http://{host}:{config.port}{config.route_prefix.rstrip('/')}"
+    return f"http://{host}:{port}{route_prefix.rstrip('/')}"
 
 
-__all__ = ["app_builder", "build_app", "index_info", "service_url", "start_service"]
+__all__ = ["app_builder", "build_app", "direct_urls", "index_info", "service_url", "start_service"]

@@ -254,6 +254,24 @@ def test_shards_searched_in_the_ingress_answer_like_the_fanned_out_service(servi
         serve.delete(local.app_name)
 
 
+def test_direct_ingress_on_a_cluster_without_it_is_refused_and_removed(service):
+    """The session's Ray was started without RAY_SERVE_ENABLE_DIRECT_INGRESS: asking for direct
+    ingress there says how to get it and leaves no half-working application behind."""
+    from ray import serve
+
+    from raysearch.serve.app import start_service
+
+    _, config = service
+    direct = ServeConfig(
+        config.index_dir, host="127.0.0.1", port=config.port, app_name=APP + "-direct", route_prefix="/direct",
+        ingress_cpus=0.1, embedder_cpus=0.2, embedder_gpus=0, shard_cpus=0.1, access_log=False,
+        shards_in_ingress=True,
+    )
+    with pytest.raises(ValueError, match="RAY_SERVE_ENABLE_DIRECT_INGRESS=1"):
+        start_service(direct, direct_ingress=True)
+    assert direct.app_name not in serve.status().applications
+
+
 # ---------------------------------------------------------------------------------------------
 # Bad requests and the API key
 # ---------------------------------------------------------------------------------------------

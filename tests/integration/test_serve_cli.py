@@ -97,6 +97,64 @@ def test_serve_command_serves_until_interrupted(vector_index, tmp_path):
         httpx.get(f"{url}/healthz", timeout=5)
 
 
+def test_direct_ingress_answers_like_the_proxy_with_the_same_guards(vector_index, tmp_path):
+    """--direct-ingress: the ingress replica's own port gives the proxy's answers, keeps the API
+    key and the body limit, listens on loopback only, and the command still stops on Ctrl-C."""
+    import ray
+
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(PYTHONPATH=REPO, RAYSEARCH_API_KEY=KEY)
+    log_path = tmp_path / "serve.log"
+    log = open(log_path, "w+")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "raysearch", "serve", vector_index, "--port", str(port), "--direct-ingress",
+         "--max-body-mb", "0.2"],
+        cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        _wait_until_serving(log_path, proc)
+        deadline = time.monotonic() + 30
+        while "direct (no proxy hop): " not in open(log_path).read() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        direct = open(log_path).read().split("direct (no proxy hop): ")[1].split()[0]
+        proxy = f"http://127.0.0.1:{port}"
+        direct_port = int(direct.rsplit(":", 1)[1])
+        assert direct.startswith("http://127.0.0.1:") and direct_port != port
+        xq = np.random.default_rng(13).standard_normal((2, 1280)).astype(np.float32)
+        xq /= np.linalg.norm(xq, axis=1, keepdims=True)
+        auth = {"Authorization": f"Bearer {KEY}"}
+        answers = {}
+        for url in (proxy, direct):
+            assert httpx.post(f"{url}/search", json={"vector": xq.tolist()}, timeout=30).status_code == 401
+            r = httpx.post(f"{url}/search", json={"vector": xq.tolist(), "k": 5}, headers=auth, timeout=60)
+            assert r.status_code == 200, r.text
+            answers[url] = r.json()["results"]
+            big = httpx.post(f"{url}/search", content=b"x" * 300_000, headers=auth | {"content-type": "application/json"},
+                             timeout=30)
+            assert big.status_code == 413, big.text
+        searcher = Searcher(vector_index)
+        image_ids, _ = searcher.lookup(searcher.search(xq, 5))
+        assert [[h["id"] for h in hits] for hits in answers[direct]] == image_ids.tolist()
+        assert answers[direct] == answers[proxy]
+        node_ip = ray.util.get_node_ip_address()
+        if not node_ip.startswith("127."):  # the direct port is not reachable from the network
+            with pytest.raises(httpx.ConnectError):
+                httpx.get(f"http://{node_ip}:{direct_port}/healthz", timeout=5)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            rc = proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise
+        log.seek(0)
+        output = log.read()
+    assert rc == 0, output
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"{direct}/healthz", timeout=5)
+
+
 def test_serve_command_refuses_a_missing_index_and_detach_without_cluster(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env["PYTHONPATH"] = REPO
