@@ -221,6 +221,7 @@ def main() -> None:
     parser.add_argument("--shard-replicas", type=int, default=1)
     parser.add_argument("--replicas", type=int, default=1)
     parser.add_argument("--search-batch-wait-ms", type=float, default=0.0)
+    parser.add_argument("--search-batch-size", type=int, default=64, help="Most queries in one FAISS call (1: no batching).")
     parser.add_argument("--shards-in-ingress", action="store_true",
                         help="Serve with `raysearch serve --shards-in-ingress` (no ShardSearcher deployments).")
     parser.add_argument("--direct-ingress", action="store_true",
@@ -254,7 +255,8 @@ def main() -> None:
 
     config = ServeConfig(index_dir, host="127.0.0.1", port=_free_port(), app_name="serve-load",
                          replicas=args.replicas, shard_replicas=args.shard_replicas, access_log=False,
-                         search_batch_wait_s=args.search_batch_wait_ms / 1000.0, shard_timeout_s=10.0,
+                         search_batch_wait_s=args.search_batch_wait_ms / 1000.0,
+                         search_batch_size=args.search_batch_size, shard_timeout_s=10.0,
                          max_ongoing_requests=max(256, 4 * args.clients), shards_in_ingress=args.shards_in_ingress)
     start = time.perf_counter()
     start_service(config, direct_ingress=args.direct_ingress)
@@ -278,8 +280,8 @@ def main() -> None:
         results.append(conc_local)
         results.append(run_serve(url, xq, args.k, args.clients, args.seconds, args.max_requests, expected_top1,
                                  "serve concurrent"))
-        batch = None if args.shards_in_ingress else serve.get_deployment_handle(
-            "ShardSearcher-00000", app_name=config.app_name).batch_stats.remote().result()
+        batch = serve.get_deployment_handle("Ingress" if args.shards_in_ingress else "ShardSearcher-00000",
+                                            app_name=config.app_name).batch_stats.remote().result()
     finally:
         serve.shutdown()
 
@@ -294,7 +296,7 @@ def main() -> None:
     errors = seq_serve.errors + conc_serve.errors
     print()
     if batch is not None:
-        print(f"shard 0 batches: {batch['batches']} (mean {batch['mean_batch']:.2f} queries, max {batch['max_batch']})")
+        print(f"{'ingress' if args.shards_in_ingress else 'shard 0'} batches: {batch['batches']} (mean {batch['mean_batch']:.2f} queries, max {batch['max_batch']})")
     print(f"goal: errors = 0 under load                  -> {errors} ({'ok' if errors == 0 else 'MISSED'})")
     print(f"goal: serve / in-process queries/s >= 0.5    -> {ratio:.2f} ({'ok' if ratio >= 0.5 else 'MISSED'})")
     print(f"goal: p50 overhead (sequential) < 5 ms       -> {overhead:.2f} ms ({'ok' if overhead < 5 else 'MISSED'})")

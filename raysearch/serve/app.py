@@ -134,7 +134,8 @@ def build_app(config: ServeConfig) -> "Application":
         "max_image_pixels": config.max_image_pixels,
         "api_key_sha256": hash_api_key(config.api_key) if config.api_key else None,
         # Searching in the ingress: the shards are opened there, with the searcher's share of CPUs.
-        "local_shards": {"index_dir": store.index_dir, "verify": config.verify, "threads": plan.search_threads}
+        "local_shards": {"index_dir": store.index_dir, "verify": config.verify, "threads": plan.search_threads,
+                         "batch_size": config.search_batch_size, "batch_wait_s": config.search_batch_wait_s}
         if local else None,
     }
     return Ingress.options(

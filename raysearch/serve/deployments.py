@@ -146,6 +146,10 @@ class Ingress:
         self.local: OpenShards | None = (
             open_shards(local["index_dir"], None, local["verify"], local["threads"]) if local else None
         )
+        if local:
+            self.search_local_batch.set_max_batch_size(int(local.get("batch_size", 64)))
+            self.search_local_batch.set_batch_wait_timeout_s(float(local.get("batch_wait_s", 0.0)))
+        self.batches = _BatchLog()
         self.api_settings = ApiSettings(
             max_body_bytes=int(settings["max_body_bytes"]),
             max_queries=int(settings["max_queries"]),
@@ -213,16 +217,26 @@ class Ingress:
         except DecodeError as e:
             raise ApiError(400, f"{f'image {i}: ' if several else ''}{e.reason}") from None
 
-    def _search_local(self, query: ShardQuery) -> list[ShardHits | None]:
+    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.0)
+    async def search_local_batch(self, queries: list[ShardQuery]) -> list[list[ShardHits | None]]:
+        """--shards-in-ingress: the requests waiting together, one FAISS call per shard (per nprobe)."""
+        self.batches.add(sum(q.xq.shape[0] for q in queries))
+        # FAISS releases the GIL: the event loop keeps accepting the requests of the next batch.
+        per_shard = await asyncio.to_thread(self._search_local, queries)
+        return [list(hits) for hits in zip(*per_shard)]
+
+    def _search_local(self, queries: list[ShardQuery]) -> list[list[ShardHits]]:
         assert self.local is not None
-        return [search_shard(index, ids, [query], self.local.metric, self.local.default_nprobe)[0]
+        return [search_shard(index, ids, queries, self.local.metric, self.local.default_nprobe)
                 for index, ids in self.local.shards]
+
+    def batch_stats(self) -> dict[str, Any]:
+        return self.batches.summary()
 
     async def _ask_shards(self, query: ShardQuery) -> list[ShardHits | None]:
         """Ask every shard at once; a shard that fails or has not answered by the deadline is None."""
         if self.local is not None:
-            # FAISS releases the GIL: the event loop keeps serving while this searches.
-            return await asyncio.to_thread(self._search_local, query)
+            return await self.search_local_batch(query)
         calls = [h.search.remote(query) for h in self.shards]
         tasks = [asyncio.ensure_future(_result(call)) for call in calls]
         done, pending = await asyncio.wait(tasks, timeout=self.shard_timeout_s)

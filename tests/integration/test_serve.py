@@ -250,6 +250,20 @@ def test_shards_searched_in_the_ingress_answer_like_the_fanned_out_service(servi
             path = _images(photo_folder)[3]
             image = client.post("/search", files={"image": ("q.jpg", open(path, "rb").read())}, data={"k": "3"}).json()
             assert image["results"][0]["uri"] == path
+
+        # Concurrent requests share FAISS calls here too (one per shard), each answer still its own.
+        many = _unit_vectors(16, searcher.dim, seed=6)
+
+        async def fire() -> list[httpx.Response]:
+            async with httpx.AsyncClient(base_url=service_url(local), timeout=60) as client:
+                return await asyncio.gather(*(client.post("/search", json={"vector": v.tolist(), "k": 4}) for v in many))
+
+        responses = asyncio.run(fire())
+        assert [r.status_code for r in responses] == [200] * len(many)
+        for r, exp in zip(responses, _expected(searcher, many, 4)):
+            _assert_same(r.json()["results"], exp)
+        stats = serve.get_deployment_handle("Ingress", app_name=local.app_name).batch_stats.remote().result()
+        assert stats["max_batch"] > 1, stats
     finally:
         serve.delete(local.app_name)
 
