@@ -6,6 +6,7 @@ import os
 
 import faiss
 import numpy as np
+import pyarrow as pa
 import pytest
 
 from raysearch.embed import list_parts
@@ -193,3 +194,26 @@ def test_bad_vectors_are_named(tmp_path):
         pick_rows([(p, 0, s) for p, s in zip(parts, part_sizes(parts))], 8, np.array([0]), 0)
     with pytest.raises(ValueError, match="8-d vectors, the index is 16-d"):
         pick_rows([(parts[0], 0, 40)], 16, np.array([0]), 0)
+
+
+def test_id_map_read_from_several_row_groups_looks_up_like_one_table(tmp_path):
+    """An id map as Parquet hands it back (several chunks, ids out of order) answers lookups
+    exactly as the same map built in one piece; ids it does not hold give None."""
+    import pyarrow.parquet as pq
+
+    from raysearch.index.store import IdMap
+    from raysearch.search import lookup_ids
+
+    rng = np.random.default_rng(4)
+    ids = rng.permutation(np.arange(5000, 9000, dtype=np.int64))
+    tbl = pa.table({"id": ids, "image_id": [f"img/{i}" for i in ids], "uri": [f"s3://b/img/{i}.jpg" for i in ids]})
+    pq.write_table(tbl, tmp_path / "ids.parquet", row_group_size=700)
+    read = pq.read_table(tmp_path / "ids.parquet")
+    assert read.column("uri").num_chunks > 1
+    chunked, whole = IdMap(read), IdMap(tbl.combine_chunks())
+    query = np.array([[5000, 8999, 12, -1], [7001, 4999, 6500, 9000]], dtype=np.int64)
+    got_ids, got_uris = lookup_ids(chunked, query)
+    want_ids, want_uris = lookup_ids(whole, query)
+    assert got_ids.tolist() == want_ids.tolist() and got_uris.tolist() == want_uris.tolist()
+    assert got_ids.tolist() == [["img/5000", "img/8999", None, None], ["img/7001", None, "img/6500", None]]
+    assert got_uris[0, 0] == "s3://b/img/5000.jpg"

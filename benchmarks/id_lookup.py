@@ -1,0 +1,72 @@
+"""Mapping a query's hits to image ids and URIs: one shard's id map, as searchers hold it.
+
+An id map of --rows rows (the columns raysearch writes: id, image_id, uri) is written as Parquet
+and read back as a shard's map is (`pyarrow.parquet.read_table`, which returns it in several
+chunks). Timed: `raysearch.search.lookup_ids` for --k random ids (one query's hits), with
+  baseline   the map's string columns kept as the chunked arrays Parquet returned (before)
+  raysearch  IdMap as it is now (columns combined into one array at load)
+Median of --repeats timings of --n lookups each, both in this process; also the load time.
+
+Usage: python benchmarks/id_lookup.py [--rows 1000000 --k 10]
+"""
+
+import argparse
+import os
+import platform
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def per_call_us(fn, n: int, repeats: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(n):
+            fn()
+        times.append((time.perf_counter() - start) / n * 1e6)
+    return float(np.median(times))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rows", type=int, default=1_000_000)
+    ap.add_argument("--k", type=int, default=10)
+    ap.add_argument("--n", type=int, default=300)
+    ap.add_argument("--repeats", type=int, default=5)
+    args = ap.parse_args()
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from raysearch.index import store
+    from raysearch.search import lookup_ids
+
+    ids = np.arange(args.rows, dtype=np.int64)
+    path = os.path.join(tempfile.mkdtemp(prefix="rs-idmap-"), "shard-00000.ids.parquet")
+    pq.write_table(pa.table({"id": ids, "image_id": [f"photos/{i:08d}" for i in ids],
+                             "uri": [f"s3://bucket/photos/{i:08d}.jpg" for i in ids]}), path, compression="zstd")
+    tbl = pq.read_table(path)
+    start = time.perf_counter()
+    now = store.IdMap(tbl)
+    load_s = time.perf_counter() - start
+    before = store.IdMap(tbl)
+    before.image_ids, before.uris = tbl.column("image_id"), tbl.column("uri")
+    query = np.random.default_rng(0).integers(0, args.rows, (1, args.k))
+    base = per_call_us(lambda: lookup_ids(before, query), args.n, args.repeats)
+    ours = per_call_us(lambda: lookup_ids(now, query), args.n, args.repeats)
+    assert lookup_ids(before, query)[1].tolist() == lookup_ids(now, query)[1].tolist()
+    print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs; pyarrow {pa.__version__}; {args.rows} rows "
+          f"read back in {tbl.column('uri').num_chunks} chunks; {args.k} ids per lookup")
+    print(f"chunked columns (before)   {base:9.1f} us per lookup")
+    print(f"IdMap now                  {ours:9.1f} us per lookup   ({base / ours:.1f}x faster); "
+          f"combining at load took {load_s:.2f} s")
+
+
+if __name__ == "__main__":
+    main()
