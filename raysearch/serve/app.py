@@ -207,6 +207,8 @@ def direct_urls(config: ServeConfig, wait_s: float = 5.0) -> list[str]:
     from ray.serve.context import _get_global_client
 
     controller = _get_global_client()._controller
+    if not hasattr(controller, "get_target_groups"):  # a Ray without direct ingress
+        return []
     deadline = time.monotonic() + wait_s
     while True:
         groups = ray.get(controller.get_target_groups.remote(config.app_name))
