@@ -16,6 +16,7 @@ import platform
 import sys
 import tempfile
 import time
+import timeit
 
 import numpy as np
 
@@ -23,14 +24,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def per_call_us(fn, n: int, repeats: int) -> float:
+    """Median over `repeats` runs of the time of one call, from `n` calls per run (us)."""
     fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for _ in range(n):
-            fn()
-        times.append((time.perf_counter() - start) / n * 1e6)
-    return float(np.median(times))
+    return float(np.median(timeit.repeat(fn, number=n, repeat=repeats))) / n * 1e6
 
 
 def main() -> None:

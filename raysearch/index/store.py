@@ -260,8 +260,9 @@ class IndexStore:
 
 
 def _one_chunk(col: pa.ChunkedArray) -> pa.Array | pa.ChunkedArray:
-    """The column as one contiguous array when its offsets allow: `take` on it is about 2.5x faster
-    than on the chunks a Parquet read gives (every query's hits are looked up this way)."""
+    """The column as one contiguous array when its offsets allow: `take` on the chunks a Parquet
+    read gives is tens of times slower (benchmarks/id_lookup.py), and every query's hits are
+    looked up this way."""
     try:
         return col.combine_chunks()
     except (pa.ArrowInvalid, pa.ArrowCapacityError):  # over 2 GiB of strings: keep the chunks

@@ -147,8 +147,8 @@ class Ingress:
             open_shards(local["index_dir"], None, local["verify"], local["threads"]) if local else None
         )
         if local:
-            self.search_local_batch.set_max_batch_size(int(local.get("batch_size", 64)))
-            self.search_local_batch.set_batch_wait_timeout_s(float(local.get("batch_wait_s", 0.0)))
+            self.search_local_batch.set_max_batch_size(int(local["batch_size"]))
+            self.search_local_batch.set_batch_wait_timeout_s(float(local["batch_wait_s"]))
         self.batches = _BatchLog()
         self.api_settings = ApiSettings(
             max_body_bytes=int(settings["max_body_bytes"]),

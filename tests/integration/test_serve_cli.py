@@ -55,19 +55,47 @@ def _wait_until_serving(log_path, proc: subprocess.Popen, timeout_s: float = 300
     raise AssertionError("raysearch serve did not start")
 
 
+class _ServeCommand:
+    """`raysearch serve ARGS` in a process of its own (with its own local Ray, the API key from
+    $RAYSEARCH_API_KEY), once it says it is serving. Leaving the block sends Ctrl-C (SIGINT) and
+    keeps the exit code (`rc`) and the whole output (`output`)."""
+
+    def __init__(self, args: list[str], tmp_path):
+        self.args = args
+        self.log_path = tmp_path / "serve.log"
+
+    def __enter__(self) -> "_ServeCommand":
+        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+        env.update(PYTHONPATH=REPO, RAYSEARCH_API_KEY=KEY)
+        self.log = open(self.log_path, "w+")
+        self.proc = subprocess.Popen([sys.executable, "-m", "raysearch", "serve", *self.args], cwd=REPO, env=env,
+                                     stdout=self.log, stderr=subprocess.STDOUT, text=True)
+        try:
+            _wait_until_serving(self.log_path, self.proc)
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def printed(self) -> str:
+        return open(self.log_path).read()
+
+    def __exit__(self, *exc) -> None:
+        self.proc.send_signal(signal.SIGINT)
+        try:
+            self.rc = self.proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            raise
+        self.log.seek(0)
+        self.output = self.log.read()
+        self.log.close()
+
+
 def test_serve_command_serves_until_interrupted(vector_index, tmp_path):
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env.update(PYTHONPATH=REPO, RAYSEARCH_API_KEY=KEY)
-    log_path = tmp_path / "serve.log"
-    log = open(log_path, "w+")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "raysearch", "serve", vector_index, "--port", str(port), "--shard-timeout", "10"],
-        cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, text=True,
-    )
-    try:
-        _wait_until_serving(log_path, proc)
+    with _ServeCommand([vector_index, "--port", str(port), "--shard-timeout", "10"], tmp_path) as served:
         assert httpx.get(f"{url}/healthz", timeout=30).status_code == 200  # probes need no key
         xq = np.random.default_rng(12).standard_normal((3, 1280)).astype(np.float32)
         xq /= np.linalg.norm(xq, axis=1, keepdims=True)
@@ -81,18 +109,9 @@ def test_serve_command_serves_until_interrupted(vector_index, tmp_path):
         assert [[h["id"] for h in hits] for hits in r.json()["results"]] == image_ids.tolist()
         stats = httpx.get(f"{url}/stats", headers={"Authorization": f"Bearer {KEY}"}, timeout=30).json()
         assert stats["count"] == 600 and len(stats["shards"]) == 2 and stats["factory"] == "IVF8,Flat"
-    finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            rc = proc.wait(timeout=120)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            raise
-        log.seek(0)
-        output = log.read()
-    assert rc == 0, output
-    assert f"serving {vector_index} at {url}" in output
-    assert "stopped" in output
+    assert served.rc == 0, served.output
+    assert f"serving {vector_index} at {url}" in served.output
+    assert "stopped" in served.output
     with pytest.raises(httpx.ConnectError):  # the port is closed: Serve is gone, not just idle
         httpx.get(f"{url}/healthz", timeout=5)
 
@@ -103,21 +122,12 @@ def test_direct_ingress_answers_like_the_proxy_with_the_same_guards(vector_index
     import ray
 
     port = _free_port()
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env.update(PYTHONPATH=REPO, RAYSEARCH_API_KEY=KEY)
-    log_path = tmp_path / "serve.log"
-    log = open(log_path, "w+")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "raysearch", "serve", vector_index, "--port", str(port), "--direct-ingress",
-         "--max-body-mb", "0.2"],
-        cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, text=True,
-    )
-    try:
-        _wait_until_serving(log_path, proc)
+    args = [vector_index, "--port", str(port), "--direct-ingress", "--max-body-mb", "0.2"]
+    with _ServeCommand(args, tmp_path) as served:
         deadline = time.monotonic() + 30
-        while "direct (no proxy hop): " not in open(log_path).read() and time.monotonic() < deadline:
+        while "direct (no proxy hop): " not in served.printed() and time.monotonic() < deadline:
             time.sleep(0.2)
-        direct = open(log_path).read().split("direct (no proxy hop): ")[1].split()[0]
+        direct = served.printed().split("direct (no proxy hop): ")[1].split()[0]
         proxy = f"http://127.0.0.1:{port}"
         direct_port = int(direct.rsplit(":", 1)[1])
         assert direct.startswith("http://127.0.0.1:") and direct_port != port
@@ -141,16 +151,7 @@ def test_direct_ingress_answers_like_the_proxy_with_the_same_guards(vector_index
         if not node_ip.startswith("127."):  # the direct port is not reachable from the network
             with pytest.raises(httpx.ConnectError):
                 httpx.get(f"http://{node_ip}:{direct_port}/healthz", timeout=5)
-    finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            rc = proc.wait(timeout=120)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            raise
-        log.seek(0)
-        output = log.read()
-    assert rc == 0, output
+    assert served.rc == 0, served.output
     with pytest.raises(httpx.ConnectError):
         httpx.get(f"{direct}/healthz", timeout=5)
 
