@@ -12,7 +12,11 @@ the activated image and both are searched: recall@1 = the image itself comes fir
 (passive) is measured in the same run on the same index and edits.
 
 Reported per variant: recall@1 per edit (passive / activated), the mean over edits other than
-"none" and their ratio, mean PSNR / SSIM, activation images/s on this machine.
+"none" and their ratio, mean PSNR / SSIM, activation images/s on this machine. Beside them, the
+same edited copies searched exactly over the stored (unquantised) vectors: the passive column is
+what the model alone keeps under each edit, so the gap between it and the index's passive recall
+is what the compression loses; and how many references share their code with another vector
+(the index cannot rank those first at all).
 
 Usage:
   python benchmarks/activate.py [--references 200 --background 400 --workdir bench-out/activate]
@@ -112,7 +116,8 @@ def main() -> None:
         out = os.path.join(work, f"activated-{name}")
         cfg = ActivatePipelineConfig(activate=ActivateConfig(psnr=args.psnr, **opts), progress=False)
         summary = activate_source(index_dir, to_activate, out, cfg)
-        report = evaluate_activation(index_dir, out, ActivationEvalConfig(edits=edits, seed=0))
+        report = evaluate_activation(index_dir, out, ActivationEvalConfig(edits=edits, seed=0, exact=True))
+        d = report.to_dict()
         row = {
             "variant": name, "options": opts, "n_images": report.n_images,
             "passive": report.passive, "activated": report.activated,
@@ -120,15 +125,21 @@ def main() -> None:
             "psnr": report.mean_psnr, "ssim": report.mean_ssim,
             "activation_images_per_s": summary.images_per_second,
             "cos_before": summary.mean_cos_before, "cos_after": summary.mean_cos_after,
+            "exact_passive": report.exact_passive, "exact_activated": report.exact_activated,
+            "mean_exact_passive": d["mean_exact_passive"], "mean_exact_activated": d["mean_exact_activated"],
+            "shared_codes": report.shared_codes,
         }
         rows.append(row)
         print(f"\n== {name} {opts}: {summary.n_activated} activated at {summary.images_per_second:.2f} images/s; "
               f"PSNR {report.mean_psnr:.1f} dB, SSIM {report.mean_ssim:.3f}; "
               f"cos(feature, target) {summary.mean_cos_before:.3f} -> {summary.mean_cos_after:.3f}")
-        print(f"{'edit':<14}{'passive':>9}{'activated':>11}")
+        ep, ea = report.exact_passive or {}, report.exact_activated or {}
+        print(f"{'edit':<14}{'passive':>9}{'activated':>11}{'exact passive':>15}{'exact activated':>17}")
         for e in edits:
-            print(f"{e:<14}{report.passive[e]:>9.3f}{report.activated[e]:>11.3f}")
-        print(f"{'mean (edited)':<14}{report.mean_passive:>9.3f}{report.mean_activated:>11.3f}   ratio {report.ratio:.2f}x")
+            print(f"{e:<14}{report.passive[e]:>9.3f}{report.activated[e]:>11.3f}{ep[e]:>15.3f}{ea[e]:>17.3f}")
+        print(f"{'mean (edited)':<14}{report.mean_passive:>9.3f}{report.mean_activated:>11.3f}"
+              f"{d['mean_exact_passive']:>15.3f}{d['mean_exact_activated']:>17.3f}   ratio {report.ratio:.2f}x")
+        print(f"{report.shared_codes} of {report.n_images} references share their index code with another vector")
 
     doc = {
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, python {platform.python_version()}",

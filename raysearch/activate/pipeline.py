@@ -139,6 +139,23 @@ def _embedding_locations(store: IndexStore) -> tuple[list[str], dict[int, tuple[
     return parts, where
 
 
+def stored_embeddings(store: IndexStore) -> tuple[np.ndarray, np.ndarray]:
+    """Every vector the index was built from, as stored before quantisation: ((n, dim) float32,
+    image_ids (n,) object), read from the index's embeddings folders (all of them in memory)."""
+    from raysearch.embed import embeddings_matrix, read_part
+
+    vectors, image_ids = [], []
+    for folder in store.manifest.get("embeddings", []):
+        base = folder if ("://" in folder or os.path.isabs(folder)) else storage.join(store.index_dir, folder)
+        for uri in list_parts(base):
+            tbl = read_part(uri, columns=["image_id", "embedding"])
+            vectors.append(embeddings_matrix(tbl))
+            image_ids.append(np.asarray(tbl.column("image_id").to_pylist(), dtype=object))
+    if not vectors:
+        return np.empty((0, store.dim), np.float32), np.empty(0, dtype=object)
+    return np.concatenate(vectors), np.concatenate(image_ids)
+
+
 def plan_activation(
     store: IndexStore, listing: Listing, done: np.ndarray, chunk_rows: int
 ) -> tuple[list[dict[str, Any]], pa.Table]:

@@ -79,6 +79,10 @@ def _register_eval() -> None:
         nprobe: Annotated[Optional[int], typer.Option(help="nprobe (default: the index's).")] = None,
         seed: Annotated[int, typer.Option(help="Seed of the edits.")] = 0,
         max_images: Annotated[Optional[int], typer.Option(help="Evaluate only the first N activated images.")] = None,
+        exact: Annotated[bool, typer.Option(
+            "--exact", help="Also search the stored, unquantised vectors exactly: what the index's compression "
+                            "costs (activation's room) beside what the edits cost the model itself. Reads every "
+                            "stored vector into memory.")] = False,
         json_out: Annotated[bool, typer.Option("--json", help="Print the figures as JSON.")] = False,
         verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
     ) -> None:
@@ -90,15 +94,24 @@ def _register_eval() -> None:
         setup_logging(verbose)
         chosen = tuple(e.strip() for e in edits.split(",") if e.strip()) if edits else DEFAULT_EDITS
         report = evaluate_activation(index_dir, activated, ActivationEvalConfig(
-            edits=chosen, nprobe=nprobe, seed=seed, max_images=max_images))
+            edits=chosen, nprobe=nprobe, seed=seed, max_images=max_images, exact=exact))
         if json_out:
             typer.echo(json.dumps(report.to_dict(), indent=2))
             return
         typer.echo(f"{report.n_images} images, nprobe {report.nprobe}; PSNR {report.mean_psnr:.1f} dB, SSIM {report.mean_ssim:.3f}")
-        typer.echo(f"{'edit':14s} {'passive':>8s} {'activated':>10s}")
+        ep, ea = report.exact_passive, report.exact_activated
+        exact_head = f" {'exact passive':>14s} {'exact activated':>16s}" if ep is not None else ""
+        typer.echo(f"{'edit':14s} {'passive':>8s} {'activated':>10s}{exact_head}")
         for e in report.passive:
-            typer.echo(f"{e:14s} {report.passive[e]:8.3f} {report.activated[e]:10.3f}")
-        typer.echo(f"{'mean (edits)':14s} {report.mean_passive:8.3f} {report.mean_activated:10.3f}   ratio {report.ratio:.2f}")
+            extra = f" {ep[e]:14.3f} {ea[e]:16.3f}" if ep is not None and ea is not None else ""
+            typer.echo(f"{e:14s} {report.passive[e]:8.3f} {report.activated[e]:10.3f}{extra}")
+        d = report.to_dict()
+        extra = f" {d['mean_exact_passive']:14.3f} {d['mean_exact_activated']:16.3f}" if ep is not None else ""
+        typer.echo(f"{'mean (edits)':14s} {report.mean_passive:8.3f} {report.mean_activated:10.3f}{extra}   "
+                   f"ratio {report.ratio:.2f}")
+        if report.shared_codes:
+            typer.echo(f"{report.shared_codes} of {report.n_images} images share their index code with another "
+                       "indexed image: the index cannot rank them first, activated or not")
 
 
 _register_eval()

@@ -106,6 +106,44 @@ def test_eval_activation_compares_passive_and_activated_copies(pq_index, to_acti
     assert bad.exit_code == 2 and "unknown edits" in bad.output
 
 
+def test_eval_activation_exact_search_shows_what_the_codes_lose(pq_index, to_activate, tmp_path):
+    """--exact searches the stored vectors without the index's compression: an unedited original
+    finds its own stored vector first; images that share their code with another are counted."""
+    import json
+    from collections import Counter
+
+    from raysearch.activate.optimize import split_pretransform
+    from raysearch.activate.pipeline import stored_embeddings
+    from raysearch.index.store import IndexStore
+
+    out = str(tmp_path / "act")
+    activate_source(pq_index, to_activate, out, ActivatePipelineConfig(
+        activate=ActivateConfig(iterations=1), progress=False, max_error_rate=0.5))
+    res = CliRunner().invoke(app, ["eval", "activation", pq_index, "--activated", out, "--edits", "none,crop",
+                                   "--exact", "--json"])
+    assert res.exit_code == 0, res.output
+    doc = json.loads(res.stdout)
+    assert doc["exact_recall_at_1"]["passive"]["none"] == 1.0
+    assert set(doc["exact_recall_at_1"]["activated"]) == {"none", "crop"}
+    assert doc["mean_exact_passive"] == doc["exact_recall_at_1"]["passive"]["crop"]
+    # 4-byte codes over similar photographs: count the activated images whose code another vector has.
+    store = IndexStore(pq_index)
+    vectors, image_ids = stored_embeddings(store)
+    assert len(image_ids) == store.manifest["n_vectors"]
+    trained = store.load_trained()
+    _, inner = split_pretransform(trained)  # a view into `trained`, which must stay alive
+    codes = [c.tobytes() for c in inner.sa_encode(vectors)]
+    counts = Counter(codes)
+    evaluated = {r["image_id"] for r in read_report(out).to_pylist()}
+    expected = sum(counts[c] > 1 for c, i in zip(codes, image_ids) if i in evaluated)
+    assert doc["shared_codes"] == expected
+    table = CliRunner().invoke(app, ["eval", "activation", pq_index, "--activated", out, "--edits", "none", "--exact"])
+    assert table.exit_code == 0 and "exact passive" in table.output, table.output
+    plain = json.loads(CliRunner().invoke(app, ["eval", "activation", pq_index, "--activated", out, "--edits", "none",
+                                                "--json"]).stdout)
+    assert "exact_recall_at_1" not in plain
+
+
 def test_rank_loss_finds_competitors_in_the_index_and_falls_back_without_them(pq_index, photo_folder, monkeypatch):
     import dataclasses
 

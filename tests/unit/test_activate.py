@@ -234,3 +234,18 @@ def test_config_checks():
         ActivateConfig(loss="rank", target="ivf")
     with pytest.raises(ValueError, match="images but"):
         activate_batch([np.zeros((8, 8, 3), np.uint8)], np.zeros((2, 4), np.float32), _TinyNet(), 32, "squash")
+
+
+def test_shared_codes_are_the_vectors_another_vector_encodes_like():
+    """The evaluation counts images the index cannot tell from another: exact duplicates share a
+    code; distinct random vectors do not, with 64-bit PQ codes."""
+    from raysearch.evaluate.activation import _shares_code
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((600, 32)).astype(np.float32)
+    x[[10, 20, 30]] = x[[5, 6, 7]]  # three pairs of duplicates
+    index = faiss.index_factory(32, "IVF4,PQ8x8")
+    index.train(x)
+    shared = _shares_code(index, x)
+    assert sorted(np.flatnonzero(shared).tolist()) == [5, 6, 7, 10, 20, 30]
+    assert _shares_code(faiss.IndexHNSWFlat(32, 8), x) is None  # a graph has no standalone codes
