@@ -122,3 +122,20 @@ def test_api_key_is_required_except_for_health():
     assert client.get("/healthz").status_code == 200
     # Without a configured key, nothing is asked.
     assert _client().post("/search", content=b"{}").status_code == 200
+
+
+def test_direct_ingress_environment_turns_on_throughput_mode_but_keeps_the_users_choices(monkeypatch):
+    from raysearch.serve import app
+
+    for name in (app.DIRECT_INGRESS_ENV, app.DIRECT_DRAIN_ENV, app.THROUGHPUT_ENV, app.ROUTER_LOOP_ENV):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv(app.THROUGHPUT_ENV, "0")  # the user's own setting wins
+    app.enable_direct_ingress_env()
+    import os
+
+    assert os.environ[app.DIRECT_INGRESS_ENV] == "1"
+    assert os.environ[app.THROUGHPUT_ENV] == "0"
+    assert os.environ[app.ROUTER_LOOP_ENV] == "1" and os.environ[app.DIRECT_DRAIN_ENV] == app.DIRECT_DRAIN_S
+    monkeypatch.delenv(app.THROUGHPUT_ENV)
+    app.enable_direct_ingress_env()
+    assert os.environ[app.THROUGHPUT_ENV] == "1"
