@@ -126,12 +126,18 @@ def _index_ids(store: IndexStore) -> dict[str, int]:
     return out
 
 
-def _embedding_locations(store: IndexStore) -> tuple[list[str], dict[int, tuple[int, int]]]:
-    """Where each vector id's stored embedding is: (part uris, id -> (part index, position))."""
+def _embedding_parts(store: IndexStore) -> list[str]:
+    """The Parquet parts of every embeddings folder the index was built or grown from."""
     parts: list[str] = []
     for folder in store.manifest.get("embeddings", []):
         base = folder if ("://" in folder or os.path.isabs(folder)) else storage.join(store.index_dir, folder)
         parts.extend(list_parts(base))
+    return parts
+
+
+def _embedding_locations(store: IndexStore) -> tuple[list[str], dict[int, tuple[int, int]]]:
+    """Where each vector id's stored embedding is: (part uris, id -> (part index, position))."""
+    parts = _embedding_parts(store)
     where: dict[int, tuple[int, int]] = {}
     for p, uri in enumerate(parts):
         for pos, row in enumerate(read_rows_column([uri]).tolist()):
@@ -145,12 +151,10 @@ def stored_embeddings(store: IndexStore) -> tuple[np.ndarray, np.ndarray]:
     from raysearch.embed import embeddings_matrix, read_part
 
     vectors, image_ids = [], []
-    for folder in store.manifest.get("embeddings", []):
-        base = folder if ("://" in folder or os.path.isabs(folder)) else storage.join(store.index_dir, folder)
-        for uri in list_parts(base):
-            tbl = read_part(uri, columns=["image_id", "embedding"])
-            vectors.append(embeddings_matrix(tbl))
-            image_ids.append(np.asarray(tbl.column("image_id").to_pylist(), dtype=object))
+    for uri in _embedding_parts(store):
+        tbl = read_part(uri, columns=["image_id", "embedding"])
+        vectors.append(embeddings_matrix(tbl))
+        image_ids.append(np.asarray(tbl.column("image_id").to_pylist(), dtype=object))
     if not vectors:
         return np.empty((0, store.dim), np.float32), np.empty(0, dtype=object)
     return np.concatenate(vectors), np.concatenate(image_ids)

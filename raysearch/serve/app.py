@@ -194,7 +194,7 @@ DIRECT_DRAIN_S = "1"
 # deployments do their blocking work in threads), request logs buffered and kept out of stderr
 # (they stay in the session's logs/serve folder), gRPC between deployments. Measured with
 # benchmarks/serve_load.py --shards-in-ingress --direct-ingress: sequential p50 -1.1 to -1.9 ms,
-# queries/s under 16 clients +12-18% (RESULTS.md).
+# queries/s under 16 clients +12-17% (RESULTS.md).
 THROUGHPUT_ENV = "RAY_SERVE_THROUGHPUT_OPTIMIZED"
 # That mode also moves a handle's router onto the caller's event loop, which breaks handles used
 # from plain (non-async) code such as this CLI's and the benchmarks': keep the router's own loop.
