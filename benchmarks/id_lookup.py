@@ -3,9 +3,11 @@
 An id map of --rows rows (the columns raysearch writes: id, image_id, uri) is written as Parquet
 and read back as a shard's map is (`pyarrow.parquet.read_table`, which returns it in several
 chunks). Timed: `raysearch.search.lookup_ids` for --k random ids (one query's hits), with
-  baseline   the map's string columns kept as the chunked arrays Parquet returned (before)
-  raysearch  IdMap as it is now (columns combined into one array at load)
-Median of --repeats timings of --n lookups each, both in this process; also the load time.
+  baseline   the map's string columns kept as the chunked arrays Parquet returned (the first IdMap)
+  arrow      the columns combined into one Arrow array at load, looked up with `take`
+  raysearch  IdMap as it is now (maps up to store.OBJECT_MAP_MAX_ROWS rows also hold their
+             strings as numpy object arrays; bigger ones are the "arrow" row)
+Median of --repeats timings of --n lookups each, all in this process; also the load time.
 
 Usage: python benchmarks/id_lookup.py [--rows 1000000 --k 10]
 """
@@ -51,17 +53,23 @@ def main() -> None:
     start = time.perf_counter()
     now = store.IdMap(tbl)
     load_s = time.perf_counter() - start
+    arrow = store.IdMap(tbl)
+    arrow._objects = None
     before = store.IdMap(tbl)
+    before._objects = None
     before.image_ids, before.uris = tbl.column("image_id"), tbl.column("uri")
     query = np.random.default_rng(0).integers(0, args.rows, (1, args.k))
     base = per_call_us(lambda: lookup_ids(before, query), args.n, args.repeats)
+    one = per_call_us(lambda: lookup_ids(arrow, query), args.n, args.repeats)
     ours = per_call_us(lambda: lookup_ids(now, query), args.n, args.repeats)
-    assert lookup_ids(before, query)[1].tolist() == lookup_ids(now, query)[1].tolist()
+    assert lookup_ids(before, query)[1].tolist() == lookup_ids(now, query)[1].tolist() == lookup_ids(arrow, query)[1].tolist()
     print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs; pyarrow {pa.__version__}; {args.rows} rows "
-          f"read back in {tbl.column('uri').num_chunks} chunks; {args.k} ids per lookup")
-    print(f"chunked columns (before)   {base:9.1f} us per lookup")
-    print(f"IdMap now                  {ours:9.1f} us per lookup   ({base / ours:.1f}x faster); "
-          f"combining at load took {load_s:.2f} s")
+          f"read back in {tbl.column('uri').num_chunks} chunks; {args.k} ids per lookup; "
+          f"object arrays: {'yes' if now._objects is not None else 'no'} (up to {store.OBJECT_MAP_MAX_ROWS} rows)")
+    print(f"chunked columns (first)    {base:9.1f} us per lookup")
+    print(f"one Arrow array            {one:9.1f} us per lookup   ({base / one:.1f}x faster)")
+    print(f"IdMap now                  {ours:9.1f} us per lookup   ({base / ours:.1f}x faster than chunked, "
+          f"{one / ours:.1f}x than one Arrow array); load took {load_s:.2f} s")
 
 
 if __name__ == "__main__":

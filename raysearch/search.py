@@ -303,8 +303,7 @@ def lookup_ids(id_map: IdMap, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     pos = id_map.positions(ids.ravel())
     found = pos >= 0
     if found.any():
-        image_ids.ravel()[found] = np.asarray(id_map.image_ids.take(pos[found]).to_pylist(), dtype=object)
-        uris.ravel()[found] = np.asarray(id_map.uris.take(pos[found]).to_pylist(), dtype=object)
+        image_ids.ravel()[found], uris.ravel()[found] = id_map.strings(pos[found])
     return image_ids, uris
 
 

@@ -237,7 +237,8 @@ class IndexStore:
         tbl = pq.read_table(path)
         if tbl.num_rows != shard.ntotal:
             raise IndexFormatError(f"{shard.ids_name} maps {tbl.num_rows} ids, shard holds {shard.ntotal}")
-        return IdMap(tbl)
+        # Decided for the whole index, so that a process holding every shard stays within bounds.
+        return IdMap(tbl, objects=sum(s.ntotal for s in self.shards) <= OBJECT_MAP_MAX_ROWS)
 
     def load_trained(self) -> faiss.Index:
         name = self.manifest.get("trained_index", TRAINED_INDEX)
@@ -269,10 +270,19 @@ def _one_chunk(col: pa.ChunkedArray) -> pa.Array | pa.ChunkedArray:
         return col
 
 
+# The id maps of an index of up to this many vectors also keep their strings as Python objects
+# (about 150-200 bytes a row, so at most ~80 MB for the whole index in one process): looking up a
+# query's hits is then numpy indexing instead of two Arrow `take` calls and their conversion
+# (benchmarks/id_lookup.py). The maps of bigger indexes stay in Arrow.
+OBJECT_MAP_MAX_ROWS = 500_000
+
+
 class IdMap:
     """Vector id -> (image_id, uri) for one shard; ids are sorted, lookups by binary search."""
 
-    def __init__(self, tbl: pa.Table):
+    def __init__(self, tbl: pa.Table, objects: bool | None = None):
+        """objects: also hold the strings as numpy object arrays (faster lookups, more memory);
+        None: when the map has at most OBJECT_MAP_MAX_ROWS rows."""
         self.ids = tbl.column("id").to_numpy()
         if self.ids.size > 1 and not np.all(self.ids[1:] > self.ids[:-1]):
             order = np.argsort(self.ids, kind="stable")
@@ -280,6 +290,18 @@ class IdMap:
             self.ids = tbl.column("id").to_numpy()
         self.image_ids = _one_chunk(tbl.column("image_id"))
         self.uris = _one_chunk(tbl.column("uri"))
+        small = self.ids.size <= OBJECT_MAP_MAX_ROWS if objects is None else objects
+        self._objects: tuple[np.ndarray, np.ndarray] | None = (
+            (np.asarray(self.image_ids.to_pylist(), dtype=object), np.asarray(self.uris.to_pylist(), dtype=object))
+            if small else None
+        )
+
+    def strings(self, pos: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(image_ids, uris) object arrays at map positions `pos` (every one valid)."""
+        if self._objects is not None:
+            return self._objects[0][pos], self._objects[1][pos]
+        return (np.asarray(self.image_ids.take(pos).to_pylist(), dtype=object),
+                np.asarray(self.uris.take(pos).to_pylist(), dtype=object))
 
     def positions(self, ids: np.ndarray) -> np.ndarray:
         """Positions of `ids` in the map; -1 for ids it does not hold."""
