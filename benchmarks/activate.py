@@ -117,7 +117,6 @@ def main() -> None:
         cfg = ActivatePipelineConfig(activate=ActivateConfig(psnr=args.psnr, **opts), progress=False)
         summary = activate_source(index_dir, to_activate, out, cfg)
         report = evaluate_activation(index_dir, out, ActivationEvalConfig(edits=edits, seed=0, exact=True))
-        d = report.to_dict()
         row = {
             "variant": name, "options": opts, "n_images": report.n_images,
             "passive": report.passive, "activated": report.activated,
@@ -126,7 +125,7 @@ def main() -> None:
             "activation_images_per_s": summary.images_per_second,
             "cos_before": summary.mean_cos_before, "cos_after": summary.mean_cos_after,
             "exact_passive": report.exact_passive, "exact_activated": report.exact_activated,
-            "mean_exact_passive": d["mean_exact_passive"], "mean_exact_activated": d["mean_exact_activated"],
+            "mean_exact_passive": report.mean_exact_passive, "mean_exact_activated": report.mean_exact_activated,
             "shared_codes": report.shared_codes,
         }
         rows.append(row)
@@ -138,7 +137,7 @@ def main() -> None:
         for e in edits:
             print(f"{e:<14}{report.passive[e]:>9.3f}{report.activated[e]:>11.3f}{ep[e]:>15.3f}{ea[e]:>17.3f}")
         print(f"{'mean (edited)':<14}{report.mean_passive:>9.3f}{report.mean_activated:>11.3f}"
-              f"{d['mean_exact_passive']:>15.3f}{d['mean_exact_activated']:>17.3f}   ratio {report.ratio:.2f}x")
+              f"{report.mean_exact_passive:>15.3f}{report.mean_exact_activated:>17.3f}   ratio {report.ratio:.2f}x")
         print(f"{report.shared_codes} of {report.n_images} references share their index code with another vector")
 
     doc = {

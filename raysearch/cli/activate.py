@@ -105,8 +105,7 @@ def _register_eval() -> None:
         for e in report.passive:
             extra = f" {ep[e]:14.3f} {ea[e]:16.3f}" if ep is not None and ea is not None else ""
             typer.echo(f"{e:14s} {report.passive[e]:8.3f} {report.activated[e]:10.3f}{extra}")
-        d = report.to_dict()
-        extra = f" {d['mean_exact_passive']:14.3f} {d['mean_exact_activated']:16.3f}" if ep is not None else ""
+        extra = f" {report.mean_exact_passive:14.3f} {report.mean_exact_activated:16.3f}" if ep is not None else ""
         typer.echo(f"{'mean (edits)':14s} {report.mean_passive:8.3f} {report.mean_activated:10.3f}{extra}   "
                    f"ratio {report.ratio:.2f}")
         if report.shared_codes:

@@ -67,6 +67,14 @@ class ActivationEvalReport:
     shared_codes: int | None = None
 
     @property
+    def mean_exact_passive(self) -> float | None:
+        return _mean_edited(self.exact_passive)
+
+    @property
+    def mean_exact_activated(self) -> float | None:
+        return _mean_edited(self.exact_activated)
+
+    @property
     def ratio(self) -> float:
         return self.mean_activated / self.mean_passive if self.mean_passive > 0 else float("inf")
 
@@ -76,8 +84,7 @@ class ActivationEvalReport:
             "mean_passive": self.mean_passive, "mean_activated": self.mean_activated, "ratio": self.ratio,
             "mean_psnr": self.mean_psnr, "mean_ssim": self.mean_ssim, "seconds": self.seconds,
             **({"exact_recall_at_1": {"passive": self.exact_passive, "activated": self.exact_activated},
-                "mean_exact_passive": _mean_edited(self.exact_passive),
-                "mean_exact_activated": _mean_edited(self.exact_activated),
+                "mean_exact_passive": self.mean_exact_passive, "mean_exact_activated": self.mean_exact_activated,
                 "shared_codes": self.shared_codes} if self.exact_passive is not None else {}),
         }
 

@@ -125,13 +125,17 @@ def test_api_key_is_required_except_for_health():
 
 
 def test_direct_ingress_environment_turns_on_throughput_mode_but_keeps_the_users_choices(monkeypatch):
+    import os
+
     from raysearch.serve import app
 
     for name in (app.DIRECT_INGRESS_ENV, app.DIRECT_DRAIN_ENV, app.THROUGHPUT_ENV, app.ROUTER_LOOP_ENV):
-        monkeypatch.delenv(name, raising=False)
+        # Set, then removed: monkeypatch then restores each variable as it was (absent included)
+        # after the test, so nothing leaks into the Rays that later tests start.
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
     monkeypatch.setenv(app.THROUGHPUT_ENV, "0")  # the user's own setting wins
     app.enable_direct_ingress_env()
-    import os
 
     assert os.environ[app.DIRECT_INGRESS_ENV] == "1"
     assert os.environ[app.THROUGHPUT_ENV] == "0"
