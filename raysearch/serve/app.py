@@ -71,6 +71,23 @@ def _cluster_resources() -> tuple[float, float]:
     return float(resources.get("CPU", 1.0)), float(resources.get("GPU", 0.0))
 
 
+def plan_for(config: ServeConfig, n_shards: int, cluster_cpus: float, cluster_gpus: float) -> ResourcePlan:
+    """The resources of each replica of `config`'s application on a cluster of that size.
+
+    With --shards-in-ingress there are no shard deployments: each Ingress replica searches every
+    shard itself and reserves one searcher's share on top of its own, so the plan counts one
+    search share per Ingress replica.
+    """
+    local = config.shards_in_ingress
+    return plan_resources(
+        1 if local else n_shards, config.replicas, config.replicas if local else config.shard_replicas,
+        cluster_cpus, cluster_gpus,
+        ingress_cpus=config.ingress_cpus, embedder_cpus=config.embedder_cpus,
+        embedder_gpus=config.embedder_gpus, shard_cpus=config.shard_cpus,
+        embed_threads=config.embed_threads, search_threads=config.search_threads,
+    )
+
+
 def build_app(config: ServeConfig) -> "Application":
     """The Serve application for `config.index_dir` (bound, not running).
 
@@ -86,12 +103,7 @@ def build_app(config: ServeConfig) -> "Application":
                                             config.shard_cpus, config.embedder_gpus))
     cpus, gpus = _cluster_resources() if needs_cluster else (0.0, 0.0)
     local = config.shards_in_ingress
-    plan = plan_resources(
-        1 if local else len(store.shards), config.replicas, config.shard_replicas, cpus, gpus,
-        ingress_cpus=config.ingress_cpus, embedder_cpus=config.embedder_cpus,
-        embedder_gpus=config.embedder_gpus, shard_cpus=config.shard_cpus,
-        embed_threads=config.embed_threads, search_threads=config.search_threads,
-    )
+    plan = plan_for(config, len(store.shards), cpus, gpus)
     log.info("serving %s: %d shards%s; %s", store.index_dir, len(store.shards),
              " searched in the ingress" if local else "", plan)
     if store.manifest.get("query_expansion"):

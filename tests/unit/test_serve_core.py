@@ -138,6 +138,22 @@ def test_resources_on_a_large_cluster_and_explicit_values():
     assert fixed.ingress_cpus + fixed.embedder_cpus <= 2 - 0.6 + 1e-9
 
 
+def test_ingress_replicas_that_search_the_shards_each_reserve_a_search_share():
+    """--shards-in-ingress --replicas 2 on two cores: every Ingress replica opens the shards and
+    reserves a searcher's share, so all of them (and the embedders) must fit together; counting
+    that share once left the second replica waiting for CPUs forever."""
+    from raysearch.serve.app import plan_for
+
+    for replicas in (1, 2, 3):
+        config = ServeConfig("idx", shards_in_ingress=True, replicas=replicas)
+        plan = plan_for(config, n_shards=3, cluster_cpus=2, cluster_gpus=0)
+        per_ingress = plan.ingress_cpus + plan.shard_cpus
+        assert replicas * (per_ingress + plan.embedder_cpus) <= 2.0 + 1e-9, (replicas, plan)
+        assert plan.shard_cpus > 0 and plan.ingress_cpus > 0
+    fanned = plan_for(ServeConfig("idx", replicas=2, shard_replicas=2), n_shards=3, cluster_cpus=2, cluster_gpus=0)
+    assert 2 * (fanned.ingress_cpus + fanned.embedder_cpus) + 3 * 2 * fanned.shard_cpus <= 2.0 + 1e-9
+
+
 def test_serve_config_checks_and_args(monkeypatch):
     with pytest.raises(ValueError, match="--port"):
         ServeConfig("idx", port=0)
