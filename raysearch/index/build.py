@@ -545,15 +545,15 @@ def _search_settings(
     D, I = merge_knn([r["D"] for r in results], [r["I"] for r in results], TUNE_K + 1, largest_first)
     truth = drop_self(I, q_rows, TUNE_K)
     param, values = search_param(trained)
-    from raysearch.search import search_shards
+    from raysearch.search import ShardGroup, search_shards
 
     with tempfile.TemporaryDirectory(prefix="raysearch-tune-") as tmp:
-        shards = open_shard_files(index_dir, entries, tmp)
+        shards = ShardGroup(open_shard_files(index_dir, entries, tmp))  # searched as a Searcher would
         result: TuneResult = tune(
             lambda q, k, v: search_shards(shards, q, k, v, config.metric)[1],
             xq, q_rows, truth, param, values, config.target_recall, TUNE_K,
         )
-        shards.clear()  # release the memory maps before the folder goes
+        del shards  # release the memory maps before the folder goes
     if not result.reached:
         log.warning(
             "recall@%d %.3f: the target %.3f is out of reach for %s (codes too coarse); using %s=%s",

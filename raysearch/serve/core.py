@@ -15,7 +15,7 @@ import faiss
 import numpy as np
 
 from raysearch.index.store import IdMap
-from raysearch.search import lookup_ids, merge_topk, search_index
+from raysearch.search import ShardGroup, distances_to_scores, lookup_ids, merge_topk
 
 
 @dataclass
@@ -59,6 +59,7 @@ class OpenShards:
     shards: list[tuple[faiss.Index, IdMap]]
     metric: str
     default_nprobe: int | None   # the tuned value from the manifest
+    group: ShardGroup            # the same indexes, searched together
 
 
 def open_shards(index_dir: str, which: list[int] | None, verify: bool, threads: int) -> OpenShards:
@@ -69,7 +70,8 @@ def open_shards(index_dir: str, which: list[int] | None, verify: bool, threads: 
     faiss.omp_set_num_threads(threads)
     store = IndexStore(index_dir, verify=verify)
     which = list(range(len(store.shards))) if which is None else which
-    return OpenShards([(store.load_shard(i), store.load_ids(i)) for i in which], store.metric, store.nprobe)
+    shards = [(store.load_shard(i), store.load_ids(i)) for i in which]
+    return OpenShards(shards, store.metric, store.nprobe, ShardGroup([index for index, _ in shards]))
 
 
 def search_shard(
@@ -79,28 +81,42 @@ def search_shard(
     metric: str,
     default_nprobe: int | None,
 ) -> list[ShardHits]:
-    """Answer a batch of requests on one shard with one FAISS call per distinct nprobe.
+    """Answer a batch of requests on one shard (see `search_shard_group`)."""
+    return search_shard_group(ShardGroup([index]), [id_map], queries, metric, default_nprobe)[0]
+
+
+def search_shard_group(
+    group: ShardGroup,
+    id_maps: list[IdMap],
+    queries: list[ShardQuery],
+    metric: str,
+    default_nprobe: int | None,
+) -> list[list[ShardHits]]:
+    """Answer a batch of requests on every shard of `group` with one search per distinct nprobe:
+    per shard, one ShardHits per request.
 
     Requests that share an nprobe are stacked into one (sum n, d) matrix and searched with the
-    largest k among them: FAISS parallelises over the rows of a batch, and a request's top-k is
-    the first k columns of a larger top-k.
+    largest k among them: FAISS parallelises over the rows of a batch, a request's top-k is the
+    first k columns of a larger top-k, and shards that share their coarse quantiser assign the
+    whole batch to lists once (`ShardGroup`).
     """
-    out: list[ShardHits | None] = [None] * len(queries)
+    out: list[list[ShardHits | None]] = [[None] * len(queries) for _ in id_maps]
     groups: dict[int | None, list[int]] = {}
     for i, q in enumerate(queries):
         groups.setdefault(q.nprobe or default_nprobe, []).append(i)
     for nprobe, members in groups.items():
         xq = np.concatenate([queries[i].xq for i in members]).astype(np.float32, copy=False)
         k_max = max(queries[i].k for i in members)
-        scores, ids = search_index(index, xq, k_max, nprobe, metric)
-        start = 0
-        for i in members:
-            n, k = queries[i].xq.shape[0], queries[i].k
-            s, ids_i = scores[start : start + n, :k], ids[start : start + n, :k]
-            start += n
-            s = np.where(ids_i < 0, np.float32(np.nan), s).astype(np.float32)
-            image_ids, uris = lookup_ids(id_map, ids_i)
-            out[i] = ShardHits(s, ids_i.astype(np.int64), image_ids, uris)
+        for shard, ((D, ids), id_map) in enumerate(zip(group.search(xq, k_max, nprobe), id_maps)):
+            scores = distances_to_scores(D, metric)
+            start = 0
+            for i in members:
+                n, k = queries[i].xq.shape[0], queries[i].k
+                s, ids_i = scores[start : start + n, :k], ids[start : start + n, :k]
+                start += n
+                s = np.where(ids_i < 0, np.float32(np.nan), s).astype(np.float32)
+                image_ids, uris = lookup_ids(id_map, ids_i)
+                out[shard][i] = ShardHits(s, ids_i.astype(np.int64), image_ids, uris)
     return out  # type: ignore[return-value]
 
 

@@ -29,6 +29,7 @@ from raysearch.serve.core import (
     merge_shard_hits,
     open_shards,
     search_shard,
+    search_shard_group,
 )
 
 log = logging.getLogger("raysearch.serve")
@@ -227,8 +228,8 @@ class Ingress:
 
     def _search_local(self, queries: list[ShardQuery]) -> list[list[ShardHits]]:
         assert self.local is not None
-        return [search_shard(index, ids, queries, self.local.metric, self.local.default_nprobe)
-                for index, ids in self.local.shards]
+        return search_shard_group(self.local.group, [ids for _, ids in self.local.shards], queries,
+                                  self.local.metric, self.local.default_nprobe)
 
     def batch_stats(self) -> dict[str, Any]:
         return self.batches.summary()

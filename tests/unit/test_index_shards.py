@@ -15,7 +15,7 @@ from raysearch.index.merge import merge_into, to_searchable
 from raysearch.index.shards import ShardBuilder, add_shard, merge_knn, pick_rows, plan_shards
 from raysearch.index.synthetic import write_embeddings
 from raysearch.index.train import train_index
-from raysearch.search import search_shards
+from raysearch.search import ShardGroup, search_shards
 
 D = 24
 N = 3000
@@ -75,6 +75,7 @@ def test_sharded_build_returns_exactly_what_one_index_returns(vectors, tmp_path,
             merge_into(shards[0], s)
         shards = [shards[0]]
     assert sum(s.ntotal for s in shards) == N
+    assert ShardGroup(shards).shared == (len(shards) > 1)  # one coarse quantisation for all shards
     for nprobe in (1, 4, 16):
         faiss.ParameterSpace().set_index_parameter(single, "nprobe", nprobe)
         D0, I0 = single.search(xq, 10)
@@ -108,6 +109,49 @@ def test_fast_scan_shards_merge_into_the_same_index(vectors, tmp_path):
     D2, I2, _ = search_shards(unmerged, xq, 10, 4, "l2")
     np.testing.assert_allclose(D2, D0, rtol=1e-6)
     assert (np.sort(I2, axis=1) == np.sort(I0, axis=1)).mean() > 0.9
+
+
+@pytest.mark.parametrize("factory", ["IVF16,SQ8", "IVF16,PQ12x4fs", "IVF16,Flat"])
+def test_shards_sharing_one_quantiser_are_assigned_once_with_the_same_results(vectors, tmp_path, factory):
+    """ShardGroup quantises a batch once for shards of one trained IVF index: every shard's own
+    answer is unchanged, at any nprobe (its default, a given one, more than nlist)."""
+    folder, xb, xq = vectors
+    trained = faiss.index_factory(D, factory, faiss.METRIC_INNER_PRODUCT if factory.endswith("Flat") else faiss.METRIC_L2)
+    train_index(trained, xb[:1500], seed=3, train_on="cpu")
+    shards = _build_shards(folder, trained, 3, False, str(tmp_path))
+    group = ShardGroup(shards)
+    assert group.shared
+    for nprobe in (None, 1, 3, 16, 40):
+        got = group.search(xq, 7, nprobe)
+        for index, (D1, I1) in zip(shards, got):
+            alone = faiss.deserialize_index(faiss.serialize_index(index))
+            alone.nprobe = min(nprobe or index.nprobe, 16)
+            D0, I0 = alone.search(xq, 7)
+            np.testing.assert_array_equal(I1, I0)
+            np.testing.assert_array_equal(D1, D0)
+
+
+def test_shards_that_do_not_share_a_plain_quantiser_are_searched_one_by_one(vectors, tmp_path):
+    folder, xb, xq = vectors
+    a, b = faiss.index_factory(D, "IVF16,Flat"), faiss.index_factory(D, "IVF16,Flat")
+    train_index(a, xb[:1500], seed=3, train_on="cpu")
+    train_index(b, xb[1500:], seed=4, train_on="cpu")  # other centroids
+    a.add(xb[:100])
+    b.add(xb[100:200])
+    assert not ShardGroup([a, b]).shared
+    opq = faiss.index_factory(D, "OPQ12_24,IVF16,PQ12x4fsr")  # a pre-transform in front of the lists
+    train_index(opq, xb[:1500], seed=3, train_on="cpu")
+    assert not ShardGroup([opq, faiss.deserialize_index(faiss.serialize_index(opq))]).shared
+    hnsw = faiss.IndexHNSWFlat(D, 8)
+    hnsw.add(xb[:50])
+    assert not ShardGroup([hnsw, hnsw]).shared
+    # ... and still answer exactly like their own searches.
+    (D1, I1), (D2, I2) = ShardGroup([a, b]).search(xq, 5, 4)
+    a.nprobe = b.nprobe = 4
+    for index, (Dg, Ig) in ((a, (D1, I1)), (b, (D2, I2))):
+        D0, I0 = index.search(xq, 5)
+        np.testing.assert_array_equal(Ig, I0)
+        np.testing.assert_array_equal(Dg, D0)
 
 
 def test_flat_shards_equal_exact_search(vectors, tmp_path):
