@@ -128,10 +128,17 @@ class ShardGroup:
         first = self.ivfs[0]
         probe = min(int(nprobe or first.nprobe), int(first.nlist))
         coarse_d, coarse_i = first.quantizer.search(xq, probe)
+        # nprobe goes in per-call parameters, not into the shared indexes: threads searching the
+        # same shards with different nprobe values do not disturb each other.
+        params = faiss.SearchParametersIVF()
+        params.nprobe = probe
+        n = xq.shape[0]
         out = []
         for ivf in self.ivfs:
-            ivf.nprobe = probe
-            out.append(ivf.search_preassigned(xq, k, coarse_i, coarse_d))
+            D, I = np.empty((n, k), np.float32), np.empty((n, k), np.int64)
+            ivf.search_preassigned_c(n, faiss.swig_ptr(xq), k, faiss.swig_ptr(coarse_i), faiss.swig_ptr(coarse_d),
+                                     faiss.swig_ptr(D), faiss.swig_ptr(I), False, params)
+            out.append((D, I))
         return out
 
 

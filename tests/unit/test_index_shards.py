@@ -131,6 +131,22 @@ def test_shards_sharing_one_quantiser_are_assigned_once_with_the_same_results(ve
             np.testing.assert_array_equal(D1, D0)
 
 
+def test_threads_searching_shared_shards_at_different_nprobe_get_their_own_answers(vectors, tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    folder, xb, xq = vectors
+    trained = faiss.index_factory(D, "IVF16,Flat")
+    train_index(trained, xb[:1500], seed=3, train_on="cpu")
+    group = ShardGroup(_build_shards(folder, trained, 3, False, str(tmp_path)))
+    expected = {p: group.search(xq, 5, p) for p in (1, 2, 16)}
+    with ThreadPoolExecutor(6) as pool:
+        runs = list(pool.map(lambda p: (p, group.search(xq, 5, p)), [1, 2, 16] * 40))
+    for p, got in runs:
+        for (D1, I1), (D0, I0) in zip(got, expected[p]):
+            np.testing.assert_array_equal(I1, I0)
+            np.testing.assert_array_equal(D1, D0)
+
+
 def test_shards_that_do_not_share_a_plain_quantiser_are_searched_one_by_one(vectors, tmp_path):
     folder, xb, xq = vectors
     a, b = faiss.index_factory(D, "IVF16,Flat"), faiss.index_factory(D, "IVF16,Flat")
