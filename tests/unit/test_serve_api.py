@@ -143,3 +143,101 @@ def test_direct_ingress_environment_turns_on_throughput_mode_but_keeps_the_users
     monkeypatch.delenv(app.THROUGHPUT_ENV)
     app.enable_direct_ingress_env()
     assert os.environ[app.THROUGHPUT_ENV] == "1"
+
+
+class _Backend:
+    """A search backend that answers at once: hit i of query q has id f"q{q}-{i}"."""
+
+    dim = DIM
+
+    def __init__(self, fail: bool = False):
+        self.fail = fail
+        self.calls: list[tuple[int, int, int | None]] = []
+
+    async def search_vectors(self, xq, k, nprobe):
+        from raysearch.serve.api import SearchAnswer
+
+        if self.fail:
+            raise RuntimeError("the searcher broke")
+        self.calls.append((len(xq), k, nprobe))
+        hits = [[{"rank": i + 1, "id": f"q{q}-{i}", "uri": f"/data/q{q}-{i}.jpg", "score": 1.0 - i / 10}
+                 for i in range(k)] for q in range(len(xq))]
+        return SearchAnswer(hits, False, [])
+
+    async def search_images(self, images, k, nprobe):
+        return await self.search_vectors(np.zeros((len(images), DIM), np.float32), k, nprobe)
+
+    async def health(self):
+        return True, {}
+
+    def stats(self):
+        return {"dim": DIM}
+
+
+def _service(backend: _Backend, key: str | None = None, max_bytes: int = 1000) -> _Client:
+    from raysearch.serve.api import ApiSettings, create_api
+
+    settings = ApiSettings(max_body_bytes=max_bytes, max_queries=8, api_key_sha256=hash_api_key(key) if key else None)
+    return _Client(create_api(backend, settings))
+
+
+def test_search_endpoint_answers_json_and_multipart_queries_with_the_documented_shape():
+    backend = _Backend()
+    client = _service(backend)
+    r = client.post("/search", json={"vector": [1, 0, 0, 0], "k": 3, "nprobe": 2})
+    assert r.status_code == 200 and r.headers["content-type"] == "application/json"
+    doc = r.json()
+    assert [h["id"] for h in doc["results"]] == ["q0-0", "q0-1", "q0-2"]
+    assert doc["partial"] is False and doc["missing_shards"] == [] and doc["took_ms"] >= 0
+    assert backend.calls == [(1, 3, 2)]
+    listed = client.post("/search", json={"vector": [[1, 0, 0, 0], [0, 1, 0, 0]], "k": 2}).json()
+    assert [[h["id"] for h in row] for row in listed["results"]] == [["q0-0", "q0-1"], ["q1-0", "q1-1"]]
+    r = client.post("/search", files=[("images", ("a.jpg", b"a")), ("images", ("b.jpg", b"b"))], data={"k": "1"})
+    assert r.status_code == 200 and [[h["id"] for h in row] for row in r.json()["results"]] == [["q0-0"], ["q1-0"]]
+    # The OpenAPI schema still documents the endpoint and its answer.
+    schema = client.get("/openapi.json").json()
+    answer = schema["paths"]["/search"]["post"]["responses"]["200"]["content"]["application/json"]["schema"]
+    assert answer["$ref"].endswith("/SearchResponse")
+
+
+def test_search_endpoint_refusals_keep_their_status_and_json_message():
+    backend = _Backend()
+    client = _service(backend, key="s3cret", max_bytes=200)
+    auth = {"Authorization": "Bearer s3cret"}
+    assert client.post("/search", json={"vector": [1, 0, 0, 0]}).status_code == 401
+    cases = [
+        (dict(json={"vector": [1, 0, 0]}), 422, "shape (n, 4)"),
+        (dict(content=b"{oops", headers={"content-type": "application/json"}), 400, "not valid JSON"),
+        (dict(content=b"hello", headers={"content-type": "text/plain"}), 415, "unsupported Content-Type"),
+        (dict(json={"vector": [1, 0, 0, 0]}, params={"k": "3"}), 422, "unknown query parameter"),
+        (dict(json={"vector": [0.5] * 4 * 20}), 413, "limit of 200 bytes"),
+    ]
+    for kwargs, status, message in cases:
+        headers = {**auth, **kwargs.pop("headers", {})}
+        r = client.post("/search", headers=headers, **kwargs)
+        assert r.status_code == status and message in r.json()["error"], (status, r.status_code, r.text)
+
+    async def chunks():  # no Content-Length: refused while the body streams in
+        for _ in range(10):
+            yield b"[" * 30
+
+    r = client.post("/search", content=chunks(), headers={**auth, "content-type": "application/json"})
+    assert r.status_code == 413 and "limit" in r.json()["error"]
+    assert client.get("/search", headers=auth).status_code == 405
+    assert backend.calls == []  # nothing refused reached the backend
+    # The service goes on answering after every refusal.
+    assert client.post("/search", json={"vector": [1, 0, 0, 0], "k": 1}, headers=auth).status_code == 200
+
+
+def test_a_failing_backend_gives_a_json_500():
+    import raysearch.serve.api as api
+
+    app = api.create_api(_Backend(fail=True), api.ApiSettings(max_body_bytes=1000, max_queries=8))
+
+    async def go():
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            return await client.post("/search", json={"vector": [1, 0, 0, 0]})
+
+    r = asyncio.run(go())
+    assert r.status_code == 500 and r.json() == {"error": "internal error: RuntimeError"}
