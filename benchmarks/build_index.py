@@ -10,9 +10,11 @@ Builds, each in its own subprocess, its peak memory sampled as the PSS of the wh
 (Ray's own processes included, shared pages counted once; Linux /proc):
 
   raysearch xS    build_index with S shards, same factory; its time includes starting Ray (one
-                  shard on one machine builds in process, without Ray)
+                  shard on one machine builds in process, without Ray). --kmeans K1,K2 builds each
+                  shard count once per coarse k-means (raysearch's --kmeans: auto, flat, two-level)
   faiss-1proc     one Python process: read the same Parquet parts, train on the same seeded sample
-                  (hence the same quantiser), add everything, write the index
+                  with FAISS's own index.train (the same quantiser as raysearch --kmeans flat), add
+                  everything, write the index
   faiss+tuning    the same process going on to find the nprobe reaching --target-recall as raysearch
                   does (exact top-10 of the same held-out vectors, same search over nprobe)
   autofaiss       autofaiss.build_index on the .npy files with the same --max-index-memory, run with
@@ -21,7 +23,8 @@ Builds, each in its own subprocess, its peak memory sampled as the PSS of the wh
 Reported per build: factory, build seconds, peak memory, then recall@10 against the exact neighbours
 and queries/s (1000 queries per search call, best of 3) at the nprobe each uses:
   raysearch       the nprobe it tuned itself (leave-one-out on indexed vectors, --target-recall)
-  faiss-1proc     the same nprobe as raysearch x1 (same quantiser, no tuner of its own)
+  faiss-1proc     the nprobe faiss+tuning found on this index (a FAISS user who does not tune
+                  would have to guess one)
   autofaiss       the search parameters autofaiss chose itself, and, on a second row, the smallest
                   nprobe reaching --target-recall on the queries (raysearch's tuner run on its index)
 
@@ -32,7 +35,7 @@ Setup of the autofaiss baseline (once, from the repository root; .venv-autofaiss
 Usage:
   python benchmarks/build_index.py --n 1000000 --d 256 --shards 1,2,4 --max-index-memory 4G
   python benchmarks/build_index.py --n 50000 --d 256            # a quick check of the script
-Options: --repeats R (each raysearch and FAISS build R times, interleaved; medians), --index FACTORY (default auto: raysearch's choice), --cpus (default all), --workdir DIR
+Options: --kmeans auto|flat|two-level[,...] (raysearch's coarse k-means; default auto), --repeats R (each raysearch and FAISS build R times, interleaved; medians), --index FACTORY (default auto: raysearch's choice), --cpus (default all), --workdir DIR
 (keeps the generated data between runs), --no-autofaiss, --target-recall 0.95.
 """
 
@@ -166,7 +169,7 @@ def worker_raysearch(args) -> dict:
     from raysearch.runtime import ensure_ray
 
     config = IndexConfig(factory=args.index, max_memory=args.max_index_memory, shards=int(args.shards),
-                         target_recall=args.target_recall, train_on="cpu")
+                         target_recall=args.target_recall, train_on="cpu", kmeans=args.kmeans)
     t0 = time.perf_counter()
     # What `raysearch index` does: Ray is started (here limited to --cpus) unless one shard on one
     # machine builds in process. Its start is part of the build's time.
@@ -177,7 +180,7 @@ def worker_raysearch(args) -> dict:
     return {
         "seconds": time.perf_counter() - t0, "ray_start": ray_start, "timings": manifest["timings"],
         "factory": manifest["factory"], "nprobe": manifest["search"].get("nprobe"),
-        "train_size": manifest["train_size"], "builders": manifest["build"].get("in_process") and "in process"
+        "train_size": manifest["train_size"], "kmeans": manifest["build"]["train"].get("kmeans"), "builders": manifest["build"].get("in_process") and "in process"
         or ("actors, vectors kept" if manifest["build"].get("vectors_kept_between_passes") else "tasks, read twice"),
     }
 
@@ -209,7 +212,7 @@ def worker_faiss(args) -> dict:
     # same quantiser.
     train_pos, query_pos = choose_positions(n, fac.training_size(index, n), tune_queries_count(n), 1234)
     t = time.perf_counter()
-    train_index(index, xb[train_pos], seed=1234, train_on="cpu")
+    train_index(index, xb[train_pos], seed=1234, train_on="cpu", kmeans="flat")
     timings["train"] = time.perf_counter() - t
     t = time.perf_counter()
     index.add_with_ids(xb, np.arange(n, dtype=np.int64)) if fac.find_ivf(index) is not None else index.add(xb)
@@ -292,6 +295,7 @@ def main() -> None:
     ap.add_argument("--cpus", type=int, default=os.cpu_count() or 2)
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--no-autofaiss", action="store_true")
+    ap.add_argument("--kmeans", default="auto", help="raysearch's coarse k-means, comma-separated to compare")
     ap.add_argument("--repeats", type=int, default=1, help="runs of each raysearch and FAISS build (median reported)")
     ap.add_argument("--worker", choices=["raysearch", "faiss"], help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
@@ -327,14 +331,23 @@ def main() -> None:
     # them alike); seconds are medians, peak memory the largest, quality from the last run.
     runs: dict[str, list] = {}
     shard_counts = [int(x) for x in args.shards.split(",")]
+    kmeans_choices = args.kmeans.split(",")
+    builds = [(s, km) for s in shard_counts for km in kmeans_choices]
+
+    def build_name(s: int, km: str) -> str:
+        return f"raysearch x{s}" + (f" {km}" if len(kmeans_choices) > 1 or km != "auto" else "")
+
+    def build_out(s: int, km: str) -> str:
+        return os.path.join(work, f"raysearch-x{s}-{km}")
+
     for rep in range(args.repeats):
-        for s in shard_counts:
-            out = os.path.join(work, f"raysearch-x{s}")
+        for s, km in builds:
+            out, name = build_out(s, km), build_name(s, km)
             shutil.rmtree(out, ignore_errors=True)
-            res, peak = run_measured(common + ["--worker", "raysearch", "--shards", str(s), "--out", out])
-            print(f"run {rep + 1}/{args.repeats} raysearch x{s}: {res['seconds']:.1f} s ({res['builders']}; "
+            res, peak = run_measured(common + ["--worker", "raysearch", "--shards", str(s), "--kmeans", km, "--out", out])
+            print(f"run {rep + 1}/{args.repeats} {name}: {res['seconds']:.1f} s ({res['builders']}; k-means {res['kmeans']}; "
                   + ", ".join(f"{k} {v:.1f}" for k, v in res["timings"].items()) + ")", flush=True)
-            runs.setdefault(f"raysearch x{s}", []).append((res, peak))
+            runs.setdefault(name, []).append((res, peak))
             if rep < args.repeats - 1:
                 shutil.rmtree(out, ignore_errors=True)
         out = os.path.join(work, "faiss-1proc.index")
@@ -348,16 +361,14 @@ def main() -> None:
     def peak_of(name: str) -> int:
         return max(p for _, p in runs[name])
 
-    tuned_x1 = None
-    for s in shard_counts:
-        name, out = f"raysearch x{s}", os.path.join(work, f"raysearch-x{s}")
+    for s, km in builds:
+        name, out = build_name(s, km), build_out(s, km)
         res = runs[name][-1][0]
         searcher = Searcher(out)
         recall, qps = evaluate(lambda q: searcher.search(q, K).ids, xq, truth)
-        tuned_x1 = tuned_x1 or res["nprobe"]
         times = "/".join(f"{r['seconds']:.1f}" for r, _ in runs[name])
         rows.append((name, res["factory"], median(name), peak_of(name), res["nprobe"], recall, qps,
-                     f"{res['builders']}; runs {times} s; last: ray start {res['ray_start']:.1f} s, "
+                     f"{res['builders']}; k-means {res['kmeans']}; runs {times} s; last: ray start {res['ray_start']:.1f} s, "
                      + ", ".join(f"{k} {v:.1f}" for k, v in res["timings"].items())))
         print(rows[-1])
         searcher = None  # unmap the shards before removing them
@@ -365,9 +376,9 @@ def main() -> None:
 
     res = runs["faiss-1proc"][-1][0]
     index = faiss.read_index(out := os.path.join(work, "faiss-1proc.index"))
-    recall, qps = evaluate(faiss_search(index, tuned_x1), xq, truth)
+    recall, qps = evaluate(faiss_search(index, res["tuned_nprobe"]), xq, truth)
     times = "/".join(f"{r['seconds']:.1f}" for r, _ in runs["faiss-1proc"])
-    rows.append(("faiss-1proc", factory, median("faiss-1proc"), peak_of("faiss-1proc"), tuned_x1, recall, qps,
+    rows.append(("faiss-1proc", factory, median("faiss-1proc"), peak_of("faiss-1proc"), res["tuned_nprobe"], recall, qps,
                  f"runs {times} s; last: " + ", ".join(f"{k} {v:.1f}" for k, v in res["timings"].items() if k != "tune")))
     print(rows[-1])
     recall, qps = evaluate(faiss_search(index, res["tuned_nprobe"]), xq, truth)
@@ -419,10 +430,10 @@ def main() -> None:
     print()
     print(f"{args.n} x {args.d} float32, clustered synthetic ({args.clusters} clusters), --max-index-memory {args.max_index_memory}, "
           f"target recall@10 {args.target_recall}, {args.cpus} CPUs")
-    print(f"{'build':14s} {'factory':32s} {'seconds':>8s} {'ratio':>6s} {'peak mem':>10s} {'nprobe':>24s} {'recall@10':>9s} {'queries/s':>10s}  notes")
+    print(f"{'build':24s} {'factory':32s} {'seconds':>8s} {'ratio':>6s} {'peak mem':>10s} {'nprobe':>24s} {'recall@10':>9s} {'queries/s':>10s}  notes")
     base = next(seconds for name, _, seconds, *_ in rows if name == "faiss-1proc")
     for name, key, seconds, peak, nprobe, recall, qps, notes in rows:
-        print(f"{name:14s} {key:32s} {seconds:8.1f} {base / seconds:5.2f}x {gib(peak):>10s} {str(nprobe):>24s} "
+        print(f"{name:24s} {key:32s} {seconds:8.1f} {base / seconds:5.2f}x {gib(peak):>10s} {str(nprobe):>24s} "
               f"{recall:9.3f} {qps:10.0f}  {notes}")
     if not keep:
         shutil.rmtree(work, ignore_errors=True)

@@ -33,6 +33,7 @@ NprobeOpt = Annotated[Optional[int], typer.Option(help="Fixed nprobe / efSearch 
 RecallOpt = Annotated[float, typer.Option(help="Recall@10 the tuned nprobe must reach.")]
 SeedOpt = Annotated[int, typer.Option(help="Seed for sampling and k-means.")]
 TrainOnOpt = Annotated[str, typer.Option(help="Where k-means runs: auto (FAISS GPU, else torch on CUDA, else CPU), cpu, faiss-gpu, torch or torch:DEVICE.")]
+KmeansOpt = Annotated[str, typer.Option(help="Coarse k-means: auto (two-level on the CPU from nlist 8192, else flat), flat (FAISS's own Lloyd k-means) or two-level (several times faster on large nlist).")]
 
 # Retrieval-quality options (see docs/evaluate.md for what each does and costs).
 ScalesOpt = Annotated[Optional[str], typer.Option(help="Multi-scale extraction: comma-separated scales combined by GeM, e.g. '1,0.7071,0.5' (cost: ~1.75x embedding time).")]
@@ -90,13 +91,13 @@ def model_config(model: str, weights: Optional[str], pooling: Optional[str], inp
 
 def index_config(index: str, metric: str, max_index_memory: str, shards: int, merge: bool,
                  train_size: Optional[int], nprobe: Optional[int], target_recall: float, seed: int,
-                 whitening=None, train_on: str = "auto"):
+                 whitening=None, train_on: str = "auto", kmeans: str = "auto"):
     from raysearch.index.build import IndexConfig
 
     return IndexConfig(
         factory=index, metric=metric, max_memory=max_index_memory, shards=shards, merge=merge,
         train_size=train_size, nprobe=nprobe, target_recall=target_recall, seed=seed, whitening=whitening,
-        train_on=train_on,
+        train_on=train_on, kmeans=kmeans,
     )
 
 
@@ -125,7 +126,8 @@ def print_index_summary(manifest: dict) -> None:
         )
     train = manifest.get("build", {}).get("train")
     if train and train.get("backend") not in (None, "none"):
-        typer.echo(f"trained on {train['n_train']} vectors with {train['backend']} ({train['device']}) in {train['seconds']:.1f} s")
+        kmeans = f", {train['kmeans']} k-means" if train.get("kmeans") else ""
+        typer.echo(f"trained on {train['n_train']} vectors with {train['backend']} ({train['device']}{kmeans}) in {train['seconds']:.1f} s")
 
 
 @app.command()
@@ -157,6 +159,7 @@ def build(
     qe: QeOpt = 0,
     qe_alpha: QeAlphaOpt = 3.0,
     train_on: TrainOnOpt = "auto",
+    kmeans: KmeansOpt = "auto",
     batch_size: BatchOpt = 32,
     concurrency: ConcurrencyOpt = None,
     max_error_rate: MaxErrOpt = 0.05,
@@ -179,7 +182,7 @@ def build(
         concurrency=concurrency, max_error_rate=max_error_rate, progress=progress,
     )
     whitening, dba_cfg, qe_cfg = quality_options(whiten, whiten_on, whiten_dim, whiten_shrinkage, dba, dba_alpha, qe, qe_alpha)
-    index_cfg = index_config(index, metric, max_index_memory, shards, merge, train_size, nprobe, target_recall, seed, whitening, train_on)
+    index_cfg = index_config(index, metric, max_index_memory, shards, merge, train_size, nprobe, target_recall, seed, whitening, train_on, kmeans)
     if address:
         ensure_ray(address)
     result = run_build(source, out, embed_cfg, index_cfg, overwrite=overwrite, dba=dba_cfg, query_expansion=qe_cfg)
@@ -218,6 +221,7 @@ def index_cmd(
     qe: QeOpt = 0,
     qe_alpha: QeAlphaOpt = 3.0,
     train_on: TrainOnOpt = "auto",
+    kmeans: KmeansOpt = "auto",
     overwrite: Annotated[bool, typer.Option(help="Replace the contents of a non-empty --out.")] = False,
     address: AddressOpt = None,
     verbose: VerboseOpt = False,
@@ -233,7 +237,7 @@ def index_cmd(
 
     setup_logging(verbose)
     whitening, dba_cfg, qe_cfg = quality_options(whiten, whiten_on, whiten_dim, whiten_shrinkage, dba, dba_alpha, qe, qe_alpha)
-    cfg = index_config(index, metric, max_index_memory, shards, merge, train_size, nprobe, target_recall, seed, whitening, train_on)
+    cfg = index_config(index, metric, max_index_memory, shards, merge, train_size, nprobe, target_recall, seed, whitening, train_on, kmeans)
     if address:
         ensure_ray(address)
     # Rebuilding in place (EMBEDDINGS inside --out) must never delete the embeddings themselves.

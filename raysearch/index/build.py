@@ -52,7 +52,7 @@ from raysearch.index.store import (
     wants_mmap,
     write_manifest,
 )
-from raysearch.index.train import check_train_on, faiss_gpus, train_index, train_serialized
+from raysearch.index.train import check_kmeans, check_train_on, faiss_gpus, train_index, train_serialized
 from raysearch.index.tune import TuneResult, drop_self, search_param, tune, tune_queries_count
 from raysearch.runtime import Timer, available_memory
 
@@ -76,6 +76,7 @@ class IndexConfig:
     target_recall: float = 0.95
     tune: bool = True
     train_on: str = "auto"      # auto, cpu, faiss-gpu, torch or torch:DEVICE
+    kmeans: str = "auto"        # coarse k-means: auto, flat or two-level (raysearch.index.train)
     tune_queries: int | None = None   # default: min(1000, N/10)
     cpus_per_shard: int | None = None  # default: the cluster's CPUs shared among the shards
     whitening: Any = None       # raysearch.models.whitening.WhiteningConfig: PCA-whitening in front of the index
@@ -94,6 +95,7 @@ class IndexConfig:
         if not 0.0 < self.target_recall <= 1.0:
             raise ValueError(f"--target-recall must be in (0, 1], got {self.target_recall}")
         check_train_on(self.train_on)
+        check_kmeans(self.kmeans, self.train_on)
         if self.tune_queries is not None and self.tune_queries < 1:
             raise ValueError(f"--tune-queries must be >= 1, got {self.tune_queries}")
         if self.cpus_per_shard is not None and self.cpus_per_shard < 1:
@@ -494,7 +496,8 @@ def _train(index: faiss.Index, xt: np.ndarray, config: IndexConfig) -> dict:
     has one and --train-on allows a GPU. Returns the train report with the trained "index"."""
     if index.is_trained:
         return {"backend": "none", "device": "cpu", "n_train": 0, "seconds": 0.0, "index": index}
-    wants_gpu = config.train_on in ("auto", "faiss-gpu", "torch") or config.train_on.startswith("torch:cuda")
+    wants_gpu = (config.train_on in ("auto", "faiss-gpu", "torch") or config.train_on.startswith("torch:cuda")) \
+        and config.kmeans != "two-level"   # two-level k-means runs on the CPU
     import ray
 
     if wants_gpu and ray.is_initialized() and not _local_gpu():
@@ -505,11 +508,11 @@ def _train(index: faiss.Index, xt: np.ndarray, config: IndexConfig) -> dict:
 
             remote = ray.remote(num_gpus=1, num_cpus=1)(train_serialized)
             trained, report = ray.get(
-                remote.remote(faiss.serialize_index(index).tobytes(), xt, config.seed, config.train_on)
+                remote.remote(faiss.serialize_index(index).tobytes(), xt, config.seed, config.train_on, config.kmeans)
             )
             report["where"] = "ray task on a GPU node"
             return {**report, "index": faiss.deserialize_index(np.frombuffer(trained, dtype=np.uint8))}
-    report = train_index(index, xt, config.seed, config.train_on).to_dict()
+    report = train_index(index, xt, config.seed, config.train_on, config.kmeans).to_dict()
     return {**report, "where": "driver", "index": index}
 
 

@@ -144,10 +144,32 @@ def test_index_command_builds_from_embeddings_with_torch_training(clustered_embe
     assert res.exit_code == 0, res.output
     assert "index: IVF32,PQ8 (given with --index); 20000 vectors in 1 shard" in res.output
     assert "tuned: nprobe" in res.output
-    assert "with torch (cpu)" in res.output
+    assert "with torch (cpu, flat k-means)" in res.output
     manifest = json.load(open(os.path.join(out, "manifest.json")))
     assert manifest["build"]["train"]["backend"] == "torch"
     assert manifest["merged"] and manifest["search"]["tuned"]
+
+
+def test_index_command_with_two_level_kmeans_reaches_the_target_and_records_it(clustered_embeddings, tmp_path):
+    folder, gen = clustered_embeddings
+    out = str(tmp_path / "index")
+    # One shard on one machine: built in this process.
+    res = CliRunner().invoke(app, [
+        "index", folder, "--out", out, "--index", "IVF128,Flat", "--kmeans", "two-level", "--train-on", "cpu",
+        "--target-recall", "0.9",
+    ])
+    assert res.exit_code == 0, res.output
+    assert "with faiss-cpu (cpu, two-level k-means)" in res.output
+    manifest = json.load(open(os.path.join(out, "manifest.json")))
+    assert manifest["build"]["train"]["kmeans"] == "two-level"
+    assert manifest["search"]["reached"] and manifest["search"]["recall_at_k"] >= 0.9
+    xb, xq = gen.rows(0, 20_000), gen.rows(20_000, 20_300)
+    assert recall_at_k(Searcher(out).search(xq, 10).ids, faiss.knn(xq, xb, 10)[1]) >= 0.9 - 0.03
+
+    bad = CliRunner().invoke(app, ["index", folder, "--out", str(tmp_path / "x"), "--kmeans", "two-level",
+                                   "--train-on", "faiss-gpu"])
+    assert bad.exit_code != 0 and "trains on the CPU" in bad.output
+    assert not os.path.exists(tmp_path / "x" / "manifest.json")
 
 
 def test_fast_scan_index_built_in_shards_and_merged(clustered_embeddings, tmp_path, ray_local):

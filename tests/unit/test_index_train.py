@@ -1,4 +1,5 @@
-"""Training: seeded FAISS training, the torch k-means path (run here on the CPU), input checks."""
+"""Training: seeded FAISS training, the torch k-means path (run here on the CPU), the two-level
+coarse k-means, input checks."""
 
 from __future__ import annotations
 
@@ -7,7 +8,14 @@ import numpy as np
 import pytest
 
 from raysearch.index.synthetic import ClusteredVectors
-from raysearch.index.train import kmeans_torch, resolve_train_on, train_index
+from raysearch.index.train import (
+    check_kmeans,
+    kmeans_torch,
+    resolve_kmeans,
+    resolve_train_on,
+    train_index,
+    two_level_centroids,
+)
 
 
 def _recall(index, xb, xq, nprobe, k=10):
@@ -105,3 +113,67 @@ def test_bad_training_input_is_refused_before_training():
         train_index(faiss.index_factory(16, "IVF8,Flat"), x)
     with pytest.raises(ValueError, match="16-d"):
         train_index(faiss.index_factory(16, "IVF8,Flat"), np.zeros((100, 8), np.float32))
+
+
+def _inertia(x, centroids):
+    return float(faiss.knn(x, np.ascontiguousarray(centroids, dtype=np.float32), 1)[0].sum())
+
+
+def test_two_level_centroids_fit_nearly_as_well_as_flat_kmeans():
+    x = ClusteredVectors(32, 300, seed=6).rows(0, 20_000)
+    two_level = two_level_centroids(x, 256, seed=2)
+    flat = faiss.Kmeans(32, 256, niter=10, seed=2)
+    flat.train(x)
+    assert two_level.shape == (256, 32) and np.isfinite(two_level).all()
+    assert len(np.unique(two_level, axis=0)) == 256
+    assert _inertia(x, two_level) <= 1.15 * _inertia(x, flat.centroids)
+
+
+@pytest.mark.parametrize("factory", ["IVF64,Flat", "IVF64,PQ8", "IVF64,SQ8"])
+@pytest.mark.parametrize("metric", [faiss.METRIC_L2, faiss.METRIC_INNER_PRODUCT])
+def test_two_level_trained_index_is_seeded_and_searches_like_a_flat_trained_one(factory, metric):
+    gen = ClusteredVectors(32, 200, seed=4)
+    xb, xq = gen.rows(0, 10_000), gen.rows(10_000, 10_200)
+    trained = {}
+    for kmeans in ("flat", "two-level", "two-level"):
+        index = faiss.index_factory(32, factory, metric)
+        report = train_index(index, xb[:6000], seed=5, train_on="cpu", kmeans=kmeans)
+        assert index.is_trained and report.kmeans == kmeans and report.backend == "faiss-cpu"
+        trained.setdefault(kmeans, []).append(index)
+    flat, (two_level, again) = trained["flat"][0], trained["two-level"]
+    assert faiss.serialize_index(two_level).tobytes() == faiss.serialize_index(again).tobytes()
+    # A quantiser of its own, not FAISS's flat k-means under another name.
+    centroids = faiss.extract_index_ivf(two_level).quantizer.reconstruct_n(0, 64)
+    assert not np.allclose(centroids, faiss.extract_index_ivf(flat).quantizer.reconstruct_n(0, 64))
+    recalls = []
+    for index in (flat, two_level):
+        index.add(xb)
+        recalls.append(_recall(index, xb, xq, nprobe=8))
+    assert recalls[1] >= recalls[0] - 0.08, recalls
+
+
+def test_two_level_training_behind_a_pretransform():
+    gen = ClusteredVectors(32, 100, seed=2)
+    xb, xq = gen.rows(0, 6000), gen.rows(6000, 6100)
+    index = faiss.index_factory(32, "PCA16,IVF32,Flat")
+    report = train_index(index, xb[:3000], seed=1, train_on="cpu", kmeans="two-level")
+    assert report.kmeans == "two-level" and index.is_trained
+    index.add(xb)
+    assert _recall(index, xb, xq, nprobe=32) > 0.5   # 16 of 32 dimensions kept: exact within them
+
+
+def test_kmeans_choice():
+    assert resolve_kmeans("auto", "faiss-cpu", 8192) == "two-level"
+    assert resolve_kmeans("auto", "faiss-cpu", 65536) == "two-level"
+    assert resolve_kmeans("auto", "faiss-cpu", 4096) == "flat"
+    assert resolve_kmeans("auto", "faiss-gpu", 65536) == "flat"
+    assert resolve_kmeans("auto", "torch", 65536) == "flat"
+    assert resolve_kmeans("flat", "faiss-cpu", 65536) == "flat"
+    assert resolve_kmeans("two-level", "faiss-cpu", 16) == "two-level"
+    with pytest.raises(ValueError, match="--kmeans must be one of"):
+        check_kmeans("hierarchical")
+    with pytest.raises(ValueError, match="trains on the CPU"):
+        check_kmeans("two-level", "torch:cuda")
+    # No inverted file, no coarse k-means to report.
+    report = train_index(faiss.index_factory(16, "PQ4"), ClusteredVectors(16, 10, seed=0).rows(0, 2000), kmeans="auto")
+    assert report.kmeans is None
