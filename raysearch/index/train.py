@@ -177,6 +177,11 @@ def train_serialized(trained_or_empty: bytes, xt: np.ndarray, seed: int, train_o
     return faiss.serialize_index(index).tobytes(), report.to_dict()
 
 
+def _spherical(ivf: faiss.IndexIVF) -> bool:
+    """Whether the coarse k-means of `ivf` keeps its centroids on the unit sphere (inner product)."""
+    return bool(ivf.cp.spherical) or ivf.metric_type == faiss.METRIC_INNER_PRODUCT
+
+
 def _split_pretransform(index: faiss.Index, xt: np.ndarray):
     """Train the pre-transforms (OPQ, PCA: small matrices, FAISS on the CPU) of `index` if it has
     any, and return (pretransform or None, the index behind it, xt in the space that index sees)."""
@@ -217,7 +222,7 @@ def _train_two_level(index: faiss.Index, xt: np.ndarray, seed: int) -> str:
     level cluster too small for its share of centroids: heavily duplicated vectors)."""
     pre, inner, xs = _split_pretransform(index, xt)
     ivf = faiss.downcast_index(fac.find_ivf(inner))
-    spherical = bool(ivf.cp.spherical) or ivf.metric_type == faiss.METRIC_INNER_PRODUCT
+    spherical = _spherical(ivf)
     try:
         centroids = two_level_centroids(xs, ivf.nlist, seed, spherical)
     except RuntimeError as e:
@@ -362,7 +367,7 @@ def _train_torch(index: faiss.Index, xt: np.ndarray, seed: int, device: str) -> 
 
 
 def _train_ivf_torch(ivf: faiss.IndexIVF, xt: np.ndarray, seed: int, device: str) -> None:
-    spherical = bool(ivf.cp.spherical) or ivf.metric_type == faiss.METRIC_INNER_PRODUCT
+    spherical = _spherical(ivf)
     centroids = kmeans_torch(xt, ivf.nlist, IVF_KMEANS_ITER, seed, device, spherical=spherical)
     quantizer = ivf.quantizer
     quantizer.reset()
