@@ -19,7 +19,7 @@ is what the compression loses; and how many references share their code with ano
 (the index cannot rank those first at all).
 
 Usage:
-  python benchmarks/activate.py [--references 200 --background 400 --workdir bench-out/activate]
+  python benchmarks/activate.py [--references 200 --background 400 --activate N --workdir bench-out/activate]
          [--variants "paper:;lr0.3-aug2:lr=0.3,augment=2;rank:loss=rank,lr=0.5,augment=3"] [--json out.json]
 """
 
@@ -66,6 +66,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--references", type=int, default=200)
     ap.add_argument("--background", type=int, default=400)
+    ap.add_argument("--activate", type=int, default=None, metavar="N",
+                    help="activate and measure only the first N references (all are indexed); default: all")
     ap.add_argument("--index", default="IVF32,PQ8x8")
     ap.add_argument("--model", default=None, help="model name or torchscript:PATH (default: raysearch's default model)")
     ap.add_argument("--edits", default=EDITS)
@@ -74,6 +76,8 @@ def main() -> None:
     ap.add_argument("--workdir", default="bench-out/activate")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
+    if args.activate is not None and args.activate < 1:
+        ap.error(f"--activate must be >= 1, got {args.activate}")
 
     import ray
 
@@ -98,7 +102,7 @@ def main() -> None:
     with open(to_activate, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["path", "id"])
-        for rid in cs.reference_ids:
+        for rid in cs.reference_ids[: args.activate]:
             w.writerow([os.path.join(cs.references, rid + ".jpg"), f"references/{rid}"])
 
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
@@ -143,7 +147,7 @@ def main() -> None:
     doc = {
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, python {platform.python_version()}",
         "date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv), "index": args.index, "model": args.model or DEFAULT_MODEL,
-        "n_vectors": res.manifest["n_vectors"], "nprobe": nprobe, "psnr_floor": args.psnr, "variants": rows,
+        "n_vectors": res.manifest["n_vectors"], "n_activate": args.activate, "nprobe": nprobe, "psnr_floor": args.psnr, "variants": rows,
     }
     if args.json:
         with open(args.json, "w") as f:
