@@ -249,3 +249,19 @@ def test_shared_codes_are_the_vectors_another_vector_encodes_like():
     shared = _shares_code(index, x)
     assert sorted(np.flatnonzero(shared).tolist()) == [5, 6, 7, 10, 20, 30]
     assert _shares_code(faiss.IndexHNSWFlat(32, 8), x) is None  # a graph has no standalone codes
+
+
+def test_the_cosine_loss_with_the_built_in_model_is_warned_about():
+    """The published cosine loss lowered recall with the built-in model in the benchmark: that pairing
+    alone gets the warning; the rank loss, other models and fine-tuned weights do not."""
+    from types import SimpleNamespace
+
+    from raysearch.activate.pipeline import loss_advice
+    from raysearch.models.names import DEFAULT_MODEL
+
+    built_in = SimpleNamespace(name=DEFAULT_MODEL, weights=None)
+    advice = loss_advice(built_in, ActivateConfig())
+    assert advice is not None and "--loss rank" in advice and "raysearch eval activation" in advice
+    assert loss_advice(built_in, ActivateConfig(loss="rank")) is None
+    assert loss_advice(SimpleNamespace(name="torchscript:/models/sscd.pt", weights=None), ActivateConfig()) is None
+    assert loss_advice(SimpleNamespace(name=DEFAULT_MODEL, weights="/models/tuned.pt"), ActivateConfig()) is None
