@@ -38,6 +38,7 @@ import pyarrow.parquet as pq
 
 from raysearch import __version__, storage
 from raysearch.errors import ActivationError
+from raysearch.activate import DEFAULT_BATCH_PIXELS
 from raysearch.activate.optimize import ActivateConfig, check_quantising
 from raysearch.embed import ERROR_SCHEMA, list_parts, read_rows_column
 from raysearch.images import DecodeError, decode_image, resize_image
@@ -75,6 +76,9 @@ REPORT_SCHEMA = pa.schema(
 class ActivatePipelineConfig:
     activate: ActivateConfig = field(default_factory=ActivateConfig)
     batch_size: int = 8
+    # Pixels optimised at once: a batch of large photographs is split into groups of at most this
+    # many (an image over it alone). Bounds the memory an activator needs (about 170 bytes a pixel on the CPU).
+    max_batch_pixels: int = DEFAULT_BATCH_PIXELS
     concurrency: int | None = None
     format: str = "png"
     quality: int = 95
@@ -89,6 +93,8 @@ class ActivatePipelineConfig:
             raise ValueError(f"--quality must be between 1 and 100, got {self.quality}")
         if self.batch_size < 1:
             raise ValueError(f"--batch-size must be >= 1, got {self.batch_size}")
+        if self.max_batch_pixels < 1:
+            raise ValueError(f"--batch-megapixels must be > 0, got {self.max_batch_pixels / 1e6:g}")
         if not 0.0 <= self.max_error_rate <= 1.0:
             raise ValueError(f"--max-error-rate must be between 0 and 1, got {self.max_error_rate}")
 
@@ -314,7 +320,8 @@ def load_inputs(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 class Activator:
     """Loads the index's model and trained quantiser once; activates batches of images."""
 
-    def __init__(self, index_dir: str, config: dict, torch_threads: int | None = None):
+    def __init__(self, index_dir: str, config: dict, torch_threads: int | None = None,
+                 max_pixels: int | None = DEFAULT_BATCH_PIXELS):
         import torch
 
         from raysearch.activate.optimize import TorchTransform, split_pretransform
@@ -326,6 +333,7 @@ class Activator:
         store = IndexStore(index_dir, verify=False)
         self.spec = store.model_spec
         self.config = ActivateConfig(**config)
+        self.max_pixels = max_pixels
         self.trained = store.load_trained()
         check_quantising(self.trained, self.config.target)
         chain, _ = split_pretransform(self.trained)
@@ -346,14 +354,15 @@ class Activator:
         With the rank loss, an image without any competitor (the index holds nothing else) is
         activated with the cosine loss instead.
         """
-        from raysearch.activate.optimize import activate_batch, quantised_targets
+        from raysearch.activate.optimize import activate_images, quantised_targets
 
         targets = quantised_targets(self.trained, vectors, self.config.target)
 
         def run(idx: np.ndarray, config: ActivateConfig, competitors: np.ndarray | None) -> list:
-            return activate_batch(
+            return activate_images(
                 [images[i] for i in idx], targets[idx], self.model, self.spec.input_size, self.spec.resize,
                 config, transform=self.transform, device=self.device, competitors=competitors,
+                max_pixels=self.max_pixels,
             )
 
         everything = np.arange(len(images))
@@ -584,7 +593,8 @@ def activate_source(
             ds = ds.map_batches(
                 Activator,
                 batch_size=config.batch_size,
-                fn_constructor_kwargs={"index_dir": store.index_dir, "config": dataclasses.asdict(config.activate), "torch_threads": threads},
+                fn_constructor_kwargs={"index_dir": store.index_dir, "config": dataclasses.asdict(config.activate), "torch_threads": threads,
+                                      "max_pixels": config.max_batch_pixels},
                 compute=ray.data.ActorPoolStrategy(size=concurrency),
                 num_gpus=num_gpus,
                 num_cpus=1,

@@ -6,6 +6,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from raysearch.activate import DEFAULT_BATCH_PIXELS
 from raysearch.cli.common import app, setup_logging, user_errors
 
 
@@ -33,6 +34,9 @@ def activate(
     format: Annotated[str, typer.Option("--format", help="png (keeps the perturbation) or jpg.")] = "png",
     quality: Annotated[int, typer.Option(help="JPEG quality with --format jpg.")] = 95,
     batch_size: Annotated[int, typer.Option(help="Images optimised together.")] = 8,
+    batch_megapixels: Annotated[float, typer.Option(help=(
+        "Largest number of megapixels optimised at once: a batch of large photographs is split to stay "
+        "within it (memory: about 170 MB a megapixel on the CPU)."))] = DEFAULT_BATCH_PIXELS / 1e6,
     concurrency: Annotated[Optional[int], typer.Option(help="Activator actors (default: one per GPU).")] = None,
     max_error_rate: Annotated[float, typer.Option(help="Fail if more than this share of images cannot be activated.")] = 0.05,
     overwrite: Annotated[bool, typer.Option(help="Replace a non-empty --out.")] = False,
@@ -51,7 +55,7 @@ def activate(
         activate=ActivateConfig(iterations=iterations, lr=lr, lambda_f=lambda_f, lambda_i=lambda_i,
                                 scaling=scaling, target=target, psnr=psnr, augment=augment, seed=seed,
                                 loss=loss, competitors=competitors, tau=tau),
-        batch_size=batch_size, concurrency=concurrency, format=format, quality=quality,
+        batch_size=batch_size, max_batch_pixels=round(batch_megapixels * 1e6), concurrency=concurrency, format=format, quality=quality,
         max_error_rate=max_error_rate, progress=progress,
     )
     s = activate_source(index_dir, source, out, config, overwrite=overwrite)

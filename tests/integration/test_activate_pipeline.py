@@ -76,10 +76,13 @@ def test_activate_cli_and_its_refusals(pq_index, photo_folder, tmp_path, to_acti
     res = runner.invoke(app, ["activate", flat, to_activate, "--out", str(tmp_path / "o1"), "--no-progress"])
     assert res.exit_code == 2 and "stores vectors exactly" in res.output
     res = runner.invoke(app, ["activate", pq_index, to_activate, "--out", str(tmp_path / "o2"), "--no-progress",
-                              "--iterations", "1", "--psnr", "45", "--max-error-rate", "0.5"])
+                              "--iterations", "1", "--psnr", "45", "--max-error-rate", "0.5", "--batch-megapixels", "0.001"])
     assert res.exit_code == 0, res.output
     assert "activated 5 of 6 images (1 errors)" in res.output
     assert all(r["psnr"] >= 45.0 for r in read_report(str(tmp_path / "o2")).to_pylist())
+    res = runner.invoke(app, ["activate", pq_index, to_activate, "--out", str(tmp_path / "o3"), "--no-progress",
+                              "--batch-megapixels", "0"])
+    assert res.exit_code == 2 and "--batch-megapixels must be > 0" in res.output
 
 
 def test_eval_activation_compares_passive_and_activated_copies(pq_index, to_activate, tmp_path, photo_folder):

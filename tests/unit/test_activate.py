@@ -13,7 +13,9 @@ from raysearch.activate.optimize import (
     TorchTransform,
     activate_batch,
     check_quantising,
+    activate_images,
     differentiable_resize,
+    pixel_groups,
     psnr,
     quantised_targets,
     split_pretransform,
@@ -265,3 +267,44 @@ def test_the_cosine_loss_with_the_built_in_model_is_warned_about():
     assert loss_advice(built_in, ActivateConfig(loss="rank")) is None
     assert loss_advice(SimpleNamespace(name="torchscript:/models/sscd.pt", weights=None), ActivateConfig()) is None
     assert loss_advice(SimpleNamespace(name=DEFAULT_MODEL, weights="/models/tuned.pt"), ActivateConfig()) is None
+
+
+def test_pixel_groups_keep_the_order_and_the_budget():
+    assert pixel_groups([4, 4, 4, 10, 1, 1], 8) == [[0, 1], [2], [3], [4, 5]]
+    assert pixel_groups([4, 4, 4], None) == [[0, 1, 2]]
+    assert pixel_groups([], 8) == []
+    with pytest.raises(ValueError, match="max_pixels"):
+        pixel_groups([1], 0)
+
+
+def test_a_batch_over_the_pixel_budget_is_activated_group_by_group(tiny_setup):
+    """Each group of images within the budget is optimised on its own, exactly as a batch of its own
+    would be; its competitors go with it, and the results come back in the input order."""
+    net, images, targets, _ = tiny_setup
+    sizes = [im.shape[0] * im.shape[1] for im in images]
+    budget = max(sizes) + min(sizes)
+    groups = pixel_groups(sizes, budget)
+    assert 1 < len(groups) < len(images)
+    competitors = np.stack([np.roll(targets, k + 1, axis=0) for k in range(3)], axis=1)
+    config = ActivateConfig(iterations=3, lr=0.5, loss="rank", competitors=3, psnr=42.0)
+
+    class Recording(torch.nn.Module):
+        """The model, noting how many images each forward pass holds."""
+
+        def __init__(self):
+            super().__init__()
+            self.net, self.batches = net, []
+
+        def forward(self, x):
+            self.batches.append(x.shape[0])
+            return self.net(x)
+
+    seen = Recording()
+    out = activate_images(images, targets, seen, 64, "squash", config, competitors=competitors, max_pixels=budget)
+    assert len(out) == len(images)
+    assert max(seen.batches) == max(len(g) for g in groups)
+    for group in groups:
+        alone = activate_batch([images[i] for i in group], targets[group], net, 64, "squash", config,
+                               competitors=competitors[group])
+        for i, r in zip(group, alone):
+            assert np.array_equal(out[i].pixels, r.pixels) and out[i].psnr == r.psnr >= 42.0
