@@ -376,7 +376,6 @@ def activate_batch(
     return out
 
 
-
 def pixel_groups(sizes: list[int], max_pixels: int | None) -> list[list[int]]:
     """Positions 0..n-1 in order, grouped so that each group's pixel count (sizes) stays within
     max_pixels; an image larger than max_pixels forms a group of its own. None: one group."""

@@ -48,6 +48,7 @@ from raysearch.sources.listing import Listing, write_listing
 
 if TYPE_CHECKING:
     from raysearch.search import Searcher
+    from raysearch.models.spec import ModelSpec
 
 log = logging.getLogger("raysearch")
 
@@ -516,7 +517,7 @@ def read_report(out_dir: str) -> pa.Table:
     return pa.concat_tables(tables).sort_by("row") if tables else REPORT_SCHEMA.empty_table()
 
 
-def loss_advice(model_spec, config: ActivateConfig) -> str | None:
+def loss_advice(model_spec: ModelSpec, config: ActivateConfig) -> str | None:
     """A warning when the chosen loss is known to lower recall with the index's model, else None.
 
     Measured (benchmarks/RESULTS.md, "Active indexing"): with the built-in EfficientNet-Lite0 + GeM,
