@@ -35,7 +35,7 @@ def measure(batch: int, size: tuple[int, int], iterations: int, max_pixels: int 
     import torch
     from PIL import Image
 
-    from raysearch.activate.optimize import ActivateConfig, activate_images
+    from raysearch.activate.optimize import ActivateConfig, activate_batch
     from raysearch.models.registry import build_model, resolve_model
     from raysearch.models.spec import ModelConfig
     from raysearch.samples import sample_photographs
@@ -51,7 +51,7 @@ def measure(batch: int, size: tuple[int, int], iterations: int, max_pixels: int 
     targets = np.random.default_rng(0).normal(size=(batch, dim)).astype(np.float32)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     t = time.perf_counter()
-    out = activate_images(images, targets, model, spec.input_size, spec.resize,
+    out = activate_batch(images, targets, model, spec.input_size, spec.resize,
                           ActivateConfig(iterations=iterations, psnr=40.0), max_pixels=max_pixels)
     seconds = time.perf_counter() - t
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux

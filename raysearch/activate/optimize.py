@@ -34,7 +34,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from raysearch.activate import DEFAULT_BATCH_PIXELS
 from raysearch.activate.jnd import LUMA, jnd_heatmap
 
 TARGETS = ("pq", "ivf")
@@ -241,6 +240,25 @@ class ActivatedImage:
     scale: float                 # factor applied to meet the PSNR floor (1.0 when not needed)
 
 
+def pixel_groups(sizes: list[int], max_pixels: int | None) -> list[list[int]]:
+    """Positions 0..n-1 in order, grouped so that each group's pixel count (sizes) stays within
+    max_pixels; an image larger than max_pixels forms a group of its own. None: one group."""
+    if max_pixels is None:
+        return [list(range(len(sizes)))] if sizes else []
+    if max_pixels < 1:
+        raise ValueError(f"max_pixels must be >= 1, got {max_pixels}")
+    groups: list[list[int]] = []
+    total = 0
+    for i, size in enumerate(sizes):
+        if groups and total + size <= max_pixels:
+            groups[-1].append(i)
+            total += size
+        else:
+            groups.append([i])
+            total = size
+    return groups
+
+
 def activate_batch(
     images: list[np.ndarray],
     targets: np.ndarray,
@@ -251,6 +269,7 @@ def activate_batch(
     transform: torch.nn.Module | None = None,
     device: str | torch.device = "cpu",
     competitors: np.ndarray | None = None,
+    max_pixels: int | None = None,
 ) -> list[ActivatedImage]:
     """Activate a batch of full-resolution images.
 
@@ -263,6 +282,8 @@ def activate_batch(
     transform : the index's pre-transform in torch (TorchTransform), or None.
     competitors : (n, M, d') float32, required by config.loss == "rank" (ignored by "cosine"): the
         reconstructions of each image's M nearest other indexed vectors, in the space of `targets`.
+    max_pixels : optimise the images in groups of at most this many pixels, each group as a batch of
+        its own, so that a batch of large photographs fits in memory (None: all at once).
 
     Returns one ActivatedImage per input (cos_before / cos_after: cosine to its own target), in order.
     """
@@ -283,6 +304,12 @@ def activate_batch(
             raise ValueError(f"competitors must be (n={len(images)}, M >= 1, d'={d}), got {competitors.shape}")
     if not images:
         return []
+    groups = pixel_groups([int(im.shape[0]) * int(im.shape[1]) for im in images], max_pixels)
+    if len(groups) > 1:
+        return [r for g in groups for r in activate_batch(
+            [images[i] for i in g], np.asarray(targets)[g], model, input_size, resize, config, transform,
+            device, None if competitors is None else np.asarray(competitors)[g],
+        )]
     device = torch.device(device)
     torch.manual_seed(config.seed)
     for p in model.parameters():
@@ -373,49 +400,4 @@ def activate_batch(
                 pixels=pixels, psnr=psnr(pixels, original), linf=int(diff.max()),
                 cos_before=float(cos_before[i]), cos_after=float(cos_after[i]), scale=scales[i],
             ))
-    return out
-
-
-def pixel_groups(sizes: list[int], max_pixels: int | None) -> list[list[int]]:
-    """Positions 0..n-1 in order, grouped so that each group's pixel count (sizes) stays within
-    max_pixels; an image larger than max_pixels forms a group of its own. None: one group."""
-    if max_pixels is None:
-        return [list(range(len(sizes)))] if sizes else []
-    if max_pixels < 1:
-        raise ValueError(f"max_pixels must be >= 1, got {max_pixels}")
-    groups: list[list[int]] = []
-    total = 0
-    for i, size in enumerate(sizes):
-        if groups and total + size <= max_pixels:
-            groups[-1].append(i)
-            total += size
-        else:
-            groups.append([i])
-            total = size
-    return groups
-
-
-def activate_images(
-    images: list[np.ndarray],
-    targets: np.ndarray,
-    model: torch.nn.Module,
-    input_size: int,
-    resize: str,
-    config: ActivateConfig = ActivateConfig(),
-    transform: torch.nn.Module | None = None,
-    device: str | torch.device = "cpu",
-    competitors: np.ndarray | None = None,
-    max_pixels: int | None = DEFAULT_BATCH_PIXELS,
-) -> list[ActivatedImage]:
-    """`activate_batch` over groups of at most `max_pixels` pixels (None: all images at once), so
-    that a batch of large photographs fits in memory. Same arguments and result as activate_batch."""
-    if len(images) != len(targets):
-        raise ValueError(f"{len(images)} images but {len(targets)} targets")
-    out: list[ActivatedImage] = []
-    for group in pixel_groups([int(im.shape[0]) * int(im.shape[1]) for im in images], max_pixels):
-        out.extend(activate_batch(
-            [images[i] for i in group], np.asarray(targets)[group], model, input_size, resize, config,
-            transform=transform, device=device,
-            competitors=None if competitors is None else np.asarray(competitors)[group],
-        ))
     return out

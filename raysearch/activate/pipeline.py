@@ -78,7 +78,7 @@ class ActivatePipelineConfig:
     activate: ActivateConfig = field(default_factory=ActivateConfig)
     batch_size: int = 8
     # Pixels optimised at once: a batch of large photographs is split into groups of at most this
-    # many (an image over it alone). Bounds the memory an activator needs (about 170 bytes a pixel on the CPU).
+    # many (an image over it alone). Bounds the memory an activator needs (DEFAULT_BATCH_PIXELS).
     max_batch_pixels: int = DEFAULT_BATCH_PIXELS
     concurrency: int | None = None
     format: str = "png"
@@ -355,12 +355,12 @@ class Activator:
         With the rank loss, an image without any competitor (the index holds nothing else) is
         activated with the cosine loss instead.
         """
-        from raysearch.activate.optimize import activate_images, quantised_targets
+        from raysearch.activate.optimize import activate_batch, quantised_targets
 
         targets = quantised_targets(self.trained, vectors, self.config.target)
 
         def run(idx: np.ndarray, config: ActivateConfig, competitors: np.ndarray | None) -> list:
-            return activate_images(
+            return activate_batch(
                 [images[i] for i in idx], targets[idx], self.model, self.spec.input_size, self.spec.resize,
                 config, transform=self.transform, device=self.device, competitors=competitors,
                 max_pixels=self.max_pixels,

@@ -36,7 +36,7 @@ def activate(
     batch_size: Annotated[int, typer.Option(help="Images optimised together.")] = 8,
     batch_megapixels: Annotated[float, typer.Option(help=(
         "Largest number of megapixels optimised at once: a batch of large photographs is split to stay "
-        "within it (memory: about 170 MB a megapixel on the CPU)."))] = DEFAULT_BATCH_PIXELS / 1e6,
+        "within it (memory: about 160 MB a megapixel on the CPU)."))] = DEFAULT_BATCH_PIXELS / 1e6,
     concurrency: Annotated[Optional[int], typer.Option(help="Activator actors (default: one per GPU).")] = None,
     max_error_rate: Annotated[float, typer.Option(help="Fail if more than this share of images cannot be activated.")] = 0.05,
     overwrite: Annotated[bool, typer.Option(help="Replace a non-empty --out.")] = False,

@@ -13,7 +13,6 @@ from raysearch.activate.optimize import (
     TorchTransform,
     activate_batch,
     check_quantising,
-    activate_images,
     differentiable_resize,
     pixel_groups,
     psnr,
@@ -300,7 +299,7 @@ def test_a_batch_over_the_pixel_budget_is_activated_group_by_group(tiny_setup):
             return self.net(x)
 
     seen = Recording()
-    out = activate_images(images, targets, seen, 64, "squash", config, competitors=competitors, max_pixels=budget)
+    out = activate_batch(images, targets, seen, 64, "squash", config, competitors=competitors, max_pixels=budget)
     assert len(out) == len(images)
     assert max(seen.batches) == max(len(g) for g in groups)
     for group in groups:
