@@ -86,7 +86,7 @@ def main() -> None:
     from raysearch.build import build
     from raysearch.embed import EmbedConfig
     from raysearch.evaluate.activation import ActivationEvalConfig, evaluate_activation
-    from raysearch.evaluate.copyset import CopySetConfig, write_copy_detection_set
+    from raysearch.datasets.copyset import CopySetConfig, write_copy_detection_set
     from raysearch.index.build import IndexConfig
     from raysearch.models.names import DEFAULT_MODEL
     from raysearch.models.spec import ModelConfig

@@ -1,6 +1,6 @@
 """Retrieval quality of raysearch's options on a copy-detection set cut from real photographs.
 
-The set (raysearch.evaluate.copyset, DISC21 format): references are crops of scikit-image's
+The set (raysearch.datasets.copyset, DISC21 format): references are crops of scikit-image's
 photographs that overlap by at most 5% of the smaller crop, so a copy of one reference shows
 content no other reference holds and the single-reference ground truth is well defined;
 queries are edited copies of references (every edit of the suite, combinations included) and
@@ -62,7 +62,7 @@ def main() -> None:
 
     from raysearch.build import build, index_embeddings
     from raysearch.embed import EmbedConfig
-    from raysearch.evaluate.copyset import CopySetConfig, write_copy_detection_set
+    from raysearch.datasets.copyset import CopySetConfig, write_copy_detection_set
     from raysearch.evaluate.run import CopyEvalConfig, embed_images, evaluate_copy_detection
     from raysearch.index import factory as fac
     from raysearch.index.build import IndexConfig

@@ -18,7 +18,7 @@ Stages (each recorded in OUT/results.json with its seconds):
 Activation needs an index that stores product-quantised codes (the protocol uses IVF4096,PQ8x8);
 with another index the stage is skipped and says why. Locally (a replica, no cluster):
 
-    python -m raysearch.sources.replicas disc21 /tmp/disc21-mini
+    python -m raysearch.datasets.replicas disc21 /tmp/disc21-mini
     python jobs/disc21.py --root /tmp/disc21-mini --out /tmp/disc21-run --input-size 64 --index IVF2,PQ16x4
 """
 
@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> dict:
             rec["embeddings"] = background
 
     with results.stage(f"eval_{args.queries}") as rec:
-        from raysearch.evaluate.groundtruth import write_predictions
+        from raysearch.metrics.groundtruth import write_predictions
         from raysearch.evaluate.run import CopyEvalConfig, evaluate_copy_detection
 
         gt = find_ground_truth(args.root, args.queries)

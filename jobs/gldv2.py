@@ -14,7 +14,7 @@ Stages (each recorded in OUT/results.json with its seconds):
 
 Locally (a replica, no cluster):
 
-    python -m raysearch.sources.replicas gldv2 /tmp/gldv2-mini
+    python -m raysearch.datasets.replicas gldv2 /tmp/gldv2-mini
     python jobs/gldv2.py --root /tmp/gldv2-mini --out /tmp/gldv2-run --input-size 64
 """
 
@@ -44,7 +44,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict:
     from raysearch import storage
-    from raysearch.evaluate.gldv2 import Gldv2EvalConfig, evaluate_gldv2, write_retrieval_predictions
+    from raysearch.evaluate.gldv2 import Gldv2EvalConfig, evaluate_gldv2
+    from raysearch.metrics.gldv2 import write_retrieval_predictions
     from raysearch.sources.gldv2 import find_solution
 
     args = parse_args(argv)

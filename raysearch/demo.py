@@ -16,7 +16,7 @@ from PIL import Image
 
 from raysearch.build import BuildResult, build
 from raysearch.embed import EmbedConfig
-from raysearch.evaluate.attacks import apply_edit
+from raysearch.edits import apply_edit
 from raysearch.index.build import IndexConfig
 from raysearch.samples import write_reference_set
 from raysearch.search import Searcher

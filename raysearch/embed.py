@@ -33,7 +33,9 @@ import pyarrow.parquet as pq
 from raysearch import __version__, storage
 from raysearch.errors import EmbeddingError
 from raysearch.images import DecodeError, decode_image, resize_image
+from raysearch.models.embedder import Embedder
 from raysearch.models.registry import ModelConfig, ModelSpec, resolve_model
+from raysearch.runtime import node_id
 from raysearch.sources import open_source
 from raysearch.sources.listing import GROUP_ROWS, Listing, read_listing_groups, write_listing
 
@@ -107,14 +109,6 @@ class EmbedSummary:
 # ---------------------------------------------------------------------------------------------
 # Stage 1: read + decode (CPU tasks)
 # ---------------------------------------------------------------------------------------------
-
-
-def current_node_id() -> str:
-    """The Ray node this code runs on ('' outside Ray): recorded per batch, so a run can tell which
-    nodes decoded and embedded its images."""
-    import ray
-
-    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
 
 
 def read_many(uris: list[str]) -> list[bytes | Exception]:
@@ -205,7 +199,7 @@ def load_and_decode(
             rows = rows.filter(pa.array(~np.isin(rows.column("row").to_numpy(), done_rows)))
         outs.append(decode_rows(rows, input_size, resize))
     out = outs[0] if len(outs) == 1 else {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
-    out["decode_node"] = np.full(len(out["row"]), current_node_id(), dtype=object)
+    out["decode_node"] = np.full(len(out["row"]), node_id() or "", dtype=object)
     return out
 
 
@@ -214,55 +208,23 @@ def load_and_decode(
 # ---------------------------------------------------------------------------------------------
 
 
-class Embedder:
-    """Loads the model once; `__call__` adds an `embedding` column (n, dim) float32.
-
-    Rows whose `error` is set get a zero vector and are dropped by the writer.
-    """
+class EmbedStage:
+    """Ray Data stage: loads the model once (`Embedder`); `__call__` adds an `embedding` column
+    (n, dim) float32 and the node that embedded each row. Rows whose `error` is set get a zero
+    vector and are dropped by the writer."""
 
     def __init__(self, spec: dict, device: str | None = None, torch_threads: int | None = None):
-        import torch
-
-        from raysearch.models.registry import build_model
-
-        if torch_threads:
-            # Ray sets OMP_NUM_THREADS to the actor's CPU reservation; use what we were given.
-            torch.set_num_threads(torch_threads)
-        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        self.spec = ModelSpec.from_dict(spec)
-        self.model = build_model(self.spec, self.device)
-        if self.device.startswith("cuda"):
-            self.model = self.model.to(memory_format=torch.channels_last)
-
-    def embed_pixels(self, pixels: np.ndarray) -> np.ndarray:
-        """(n, H, W, 3) uint8 -> (n, dim) float32, L2-normalised."""
-        import torch
-
-        with torch.inference_mode():
-            x = torch.from_numpy(np.ascontiguousarray(pixels)).to(self.device, non_blocking=True)
-            x = x.permute(0, 3, 1, 2).float().div_(255.0)
-            if self.device.startswith("cuda"):
-                x = x.contiguous(memory_format=torch.channels_last)
-            return self.model(x).float().cpu().numpy()
+        self.embedder = Embedder(spec, device, torch_threads)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        n = len(batch["row"])
-        ok = np.asarray([not e for e in batch["error"]], dtype=bool)
-        emb = np.zeros((n, self.spec.dim), dtype=np.float32)
-        errors = np.asarray(batch["error"], dtype=object).copy()
-        if ok.any():
-            emb[ok] = self.embed_pixels(batch["pixels"][ok])
-            # A vector with NaN/inf would poison training and search: record it as an error instead.
-            bad = ok & ~np.isfinite(emb).all(axis=1)
-            errors[bad] = "model produced a non-finite embedding"
-            emb[bad] = 0.0
+        emb, errors = self.embedder.embed_rows(batch["pixels"], batch["error"])
         out = {
             "row": batch["row"],
             "image_id": batch["image_id"],
             "uri": batch["uri"],
             "error": errors,
             "embedding": emb,
-            "embed_node": np.full(n, current_node_id(), dtype=object),
+            "embed_node": np.full(len(errors), node_id() or "", dtype=object),
         }
         if "decode_node" in batch:
             out["decode_node"] = batch["decode_node"]
@@ -636,7 +598,7 @@ def embed_source(
             memory=_decode_task_memory(chunk, spec.input_size),
         )
         ds = ds.map_batches(
-            Embedder,
+            EmbedStage,
             batch_size=config.batch_size,
             fn_constructor_kwargs={"spec": spec.to_dict(), "torch_threads": res["threads"]},
             compute=ray.data.ActorPoolStrategy(size=res["concurrency"]),
@@ -719,7 +681,7 @@ def read_errors(embeddings_dir: str) -> pa.Table:
 __all__ = [
     "EmbedConfig",
     "EmbedSummary",
-    "Embedder",
+    "EmbedStage",
     "EmbeddingError",
     "decode_rows",
     "embed_source",

@@ -39,6 +39,14 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     ray.init(address=address, **kwargs)
 
 
+def node_id() -> str | None:
+    """The id of the Ray node this code runs on; None outside Ray. Recorded with the work a task
+    or actor did, so a run can tell which nodes decoded, embedded and built what."""
+    import ray
+
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+
+
 def cluster_gpus() -> float:
     import ray
 

@@ -18,9 +18,8 @@ import faiss
 import numpy as np
 
 from raysearch import storage
-from raysearch.images import DecodeError, decode_image, resize_image
 from raysearch.index.store import IdMap, IndexStore
-from raysearch.models.spec import ModelSpec
+from raysearch.models.embedder import embed_image_uris, preprocess_image
 from raysearch.models.whitening import PreTransformParts, split_pretransform
 from raysearch.rerank import QueryExpansion, alpha_query_expansion
 
@@ -334,7 +333,7 @@ class Searcher:
     def embedder(self):
         """The index's own model, loaded once, for embedding query images in this process."""
         if self._embedder is None:
-            from raysearch.embed import Embedder
+            from raysearch.models.embedder import Embedder
 
             self._embedder = Embedder(self.store.model_spec.to_dict(), device=None)
         return self._embedder
@@ -373,52 +372,6 @@ def lookup_ids(id_map: IdMap, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     if found.any():
         image_ids.ravel()[found], uris.ravel()[found] = id_map.strings(pos[found])
     return image_ids, uris
-
-
-def preprocess_image(data: bytes, spec: ModelSpec, max_pixels: int | None = None) -> np.ndarray:
-    """Image bytes -> (S, S, 3) uint8 pixels for `spec`, exactly as the build preprocessed them.
-
-    Raises DecodeError (with a reason) for anything that is not a usable picture.
-    """
-    arr = decode_image(data, draft_size=spec.input_size, max_pixels=max_pixels)
-    return resize_image(arr, spec.input_size, spec.resize)  # type: ignore[arg-type]
-
-
-def embed_image_uris(
-    uris: list[str], spec: ModelSpec, embedder,
-    boxes: list[tuple[float, float, float, float] | None] | None = None,
-) -> tuple[np.ndarray, list[str | None]]:
-    """Read, preprocess as the build did and embed images by path/URI. Returns (vectors (n, d),
-    per image None or the reason it could not be used; its vector row is then zeros).
-
-    `boxes`: per image None or an (x1, y1, x2, y2) crop in original pixels (revisitop's query
-    protocol): such an image is decoded at full size and cropped before resizing.
-    """
-    from PIL import Image
-
-    pixels = np.zeros((len(uris), spec.input_size, spec.input_size, 3), np.uint8)
-    problems: list[str | None] = []
-    for i, uri in enumerate(uris):
-        box = boxes[i] if boxes is not None else None
-        try:
-            data = storage.read_bytes(uri)
-            if box is None:
-                pixels[i] = preprocess_image(data, spec)
-            else:
-                img = Image.fromarray(decode_image(data)).crop(box)  # full size: the box is in original pixels
-                if img.width < 1 or img.height < 1:
-                    raise DecodeError(f"empty crop box {box}")
-                pixels[i] = resize_image(np.asarray(img), spec.input_size, spec.resize)  # type: ignore[arg-type]
-            problems.append(None)
-        except (FileNotFoundError, PermissionError, IsADirectoryError) as e:
-            problems.append(str(e))
-        except DecodeError as e:
-            problems.append(e.reason)
-    ok = [i for i, p in enumerate(problems) if p is None]
-    x = np.zeros((len(uris), spec.dim), np.float32)
-    if ok:
-        x[ok] = embedder.embed_pixels(pixels[ok])
-    return x, problems
 
 
 def check_queries(xq: np.ndarray, dim: int) -> np.ndarray:

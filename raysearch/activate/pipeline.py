@@ -326,7 +326,7 @@ class Activator:
         import torch
 
         from raysearch.activate.optimize import TorchTransform, split_pretransform
-        from raysearch.embed import Embedder
+        from raysearch.models.embedder import Embedder
 
         if torch_threads:
             torch.set_num_threads(torch_threads)

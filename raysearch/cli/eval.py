@@ -79,7 +79,7 @@ def copy_cmd(
     verbose: VerboseOpt = False,
 ) -> None:
     """Copy detection (DISC21 / ISC2021): micro-AP, recall at precision 0.9, recall@1 and @10."""
-    from raysearch.evaluate.groundtruth import write_predictions
+    from raysearch.metrics.groundtruth import write_predictions
     from raysearch.evaluate.run import CopyEvalConfig, evaluate_copy_detection
 
     setup_logging(verbose)

@@ -44,7 +44,8 @@ def gldv2_cmd(
 ) -> None:
     """GLDv2 retrieval: mAP@100, mP@1,5,10,50,100 and first-correct positions, Public and Private."""
     from raysearch.cli.common import setup_logging
-    from raysearch.evaluate.gldv2 import Gldv2EvalConfig, evaluate_gldv2, write_retrieval_predictions
+    from raysearch.evaluate.gldv2 import Gldv2EvalConfig, evaluate_gldv2
+    from raysearch.metrics.gldv2 import write_retrieval_predictions
 
     setup_logging(verbose)
     if root is None and (queries is None or solution is None):

@@ -1,1 +1,1 @@
-"""Evaluation: the field's metrics (metrics.py), ground-truth formats (groundtruth.py), running them against an index (run.py), the seeded edit suite (attacks.py) and a copy-detection set cut from photographs (copyset.py)."""
+"""Evaluation protocols that run searches against an index and score them with `raysearch.metrics`."""

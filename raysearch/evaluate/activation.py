@@ -14,7 +14,7 @@ import numpy as np
 from PIL import Image
 
 from raysearch import storage
-from raysearch.evaluate.attacks import apply_edit
+from raysearch.edits import apply_edit
 from raysearch.images import decode_image, resize_image
 from raysearch.search import Searcher
 
@@ -38,7 +38,7 @@ class ActivationEvalConfig:
     exact: bool = False
 
     def __post_init__(self) -> None:
-        from raysearch.evaluate.attacks import EDITS
+        from raysearch.edits import EDITS
 
         unknown = [e for e in self.edits if e != "none" and e not in EDITS]
         if unknown:

@@ -27,8 +27,8 @@ import numpy as np
 import pyarrow as pa
 
 from raysearch import storage
-from raysearch.evaluate import metrics as M
-from raysearch.evaluate.groundtruth import (
+from raysearch.metrics import retrieval as M
+from raysearch.metrics.groundtruth import (
     CopyGroundTruth,
     RevisitedGroundTruth,
     id_key,
@@ -38,7 +38,8 @@ from raysearch.evaluate.groundtruth import (
 )
 from raysearch.models.spec import ModelSpec
 from raysearch.rerank import QueryExpansion
-from raysearch.search import SearchResult, Searcher, embed_image_uris
+from raysearch.models.embedder import embed_image_uris
+from raysearch.search import SearchResult, Searcher
 
 log = logging.getLogger("raysearch")
 
@@ -170,7 +171,7 @@ def embeddings_or_images(
         raise ValueError(f"source {source!r} holds no images")
     if len(ids) <= in_process_limit:
         if embedder is None:
-            from raysearch.embed import Embedder
+            from raysearch.models.embedder import Embedder
 
             embedder = Embedder(spec.to_dict())
         return _embed_rows_in_process(ids, uris, spec, embedder)

@@ -59,7 +59,7 @@ class QueryEmbedder:
 
     def __init__(self, model_spec: dict, device: str, torch_threads: int | None,
                  max_batch_size: int, batch_wait_timeout_s: float):
-        from raysearch.embed import Embedder
+        from raysearch.models.embedder import Embedder
 
         self.embedder = Embedder(model_spec, device=device, torch_threads=torch_threads)
         self.embed_batch.set_max_batch_size(max_batch_size)
@@ -211,7 +211,7 @@ class Ingress:
 
     def _preprocess(self, i: int, data: bytes, several: bool) -> np.ndarray:
         from raysearch.images import DecodeError
-        from raysearch.search import preprocess_image
+        from raysearch.models.embedder import preprocess_image
 
         try:
             return preprocess_image(data, self.spec, max_pixels=self.max_image_pixels)

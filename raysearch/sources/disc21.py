@@ -183,7 +183,7 @@ def numbers_of(ids: list[str], letter: str, digits: int, what: str) -> np.ndarra
 
 def protocol_mask(ground_truth: str, selection: str, size: int) -> np.ndarray:
     """Which numbers a protocol split keeps, from the dev ground truth."""
-    from raysearch.evaluate.groundtruth import read_copy_ground_truth
+    from raysearch.metrics.groundtruth import read_copy_ground_truth
 
     gt = read_copy_ground_truth(ground_truth)
     mask = np.zeros(size, bool)

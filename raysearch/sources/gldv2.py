@@ -113,7 +113,7 @@ class Gldv2Source:
     def iter_batches(self, batch_rows: int = 10_000) -> Iterator[pa.Table]:
         scored = None
         if self.solution is not None:
-            from raysearch.evaluate.gldv2 import read_retrieval_solution
+            from raysearch.metrics.gldv2 import read_retrieval_solution
 
             scored = read_retrieval_solution(self.solution).scored_ids()
         for ids, uris in self._rows(batch_rows):

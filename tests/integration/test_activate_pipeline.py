@@ -151,7 +151,7 @@ def test_rank_loss_finds_competitors_in_the_index_and_falls_back_without_them(pq
     import dataclasses
 
     from raysearch.activate import optimize, pipeline
-    from raysearch.search import preprocess_image
+    from raysearch.models.embedder import preprocess_image
 
     act = pipeline.Activator(pq_index, dataclasses.asdict(ActivateConfig(iterations=1, loss="rank", competitors=3)))
     ids = ["a/img000", "b/img001"]

@@ -15,9 +15,9 @@ import pyarrow as pa
 import pytest
 from PIL import Image
 
+from raysearch.models.embedder import Embedder
 from raysearch.embed import (
     EmbedConfig,
-    Embedder,
     EmbeddingError,
     embed_source,
     embeddings_matrix,

@@ -20,9 +20,9 @@ from typer.testing import CliRunner
 from raysearch.build import build
 from raysearch.cli import app
 from raysearch.embed import EmbedConfig
-from raysearch.evaluate.copyset import CopySetConfig, write_copy_detection_set
-from raysearch.evaluate.groundtruth import read_predictions
-from raysearch.evaluate.metrics import copy_detection_metrics
+from raysearch.datasets.copyset import CopySetConfig, write_copy_detection_set
+from raysearch.metrics.groundtruth import read_predictions
+from raysearch.metrics.retrieval import copy_detection_metrics
 from raysearch.evaluate.run import CopyEvalConfig, embed_images, evaluate_copy_detection
 from raysearch.index.build import IndexConfig
 from raysearch.search import Searcher

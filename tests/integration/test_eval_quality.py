@@ -13,7 +13,7 @@ import pytest
 from typer.testing import CliRunner
 
 from raysearch.cli import app
-from raysearch.evaluate.copyset import CopySetConfig, write_copy_detection_set
+from raysearch.datasets.copyset import CopySetConfig, write_copy_detection_set
 from raysearch.evaluate.run import read_embeddings_folder
 from raysearch.models.whitening import read_whitening
 from raysearch.rerank import QueryExpansion, database_side_augmentation

@@ -13,10 +13,10 @@ from typer.testing import CliRunner
 
 from raysearch import storage
 from raysearch.cli import app
-from raysearch.evaluate.gldv2 import read_retrieval_predictions
-from raysearch.evaluate.groundtruth import read_copy_ground_truth, read_predictions
-from raysearch.evaluate.metrics import copy_detection_metrics
-from raysearch.sources.replicas import write_disc21_replica, write_gldv2_replica
+from raysearch.metrics.gldv2 import read_retrieval_predictions
+from raysearch.metrics.groundtruth import read_copy_ground_truth, read_predictions
+from raysearch.metrics.retrieval import copy_detection_metrics
+from raysearch.datasets.replicas import write_disc21_replica, write_gldv2_replica
 
 pytestmark = pytest.mark.slow
 

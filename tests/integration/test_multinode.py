@@ -16,7 +16,7 @@ from raysearch.embed import EmbedConfig, list_parts, read_rows_column
 from raysearch.index.build import IndexConfig
 from raysearch.models.spec import ModelConfig
 from raysearch.search import Searcher
-from raysearch.sources.replicas import write_disc21_replica
+from raysearch.datasets.replicas import write_disc21_replica
 
 pytestmark = pytest.mark.slow
 

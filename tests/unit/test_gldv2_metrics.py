@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from raysearch.evaluate.gldv2 import (
+from raysearch.evaluate.gldv2 import gldv2_key
+from raysearch.metrics.gldv2 import (
     average_precision,
     first_correct_position,
-    gldv2_key,
     precisions_at,
     read_retrieval_predictions,
     read_retrieval_solution,

@@ -114,8 +114,8 @@ def test_disc21_bad_ground_truth_id_is_a_clear_error(disc21):
 
 
 def test_disc21_replica_matches_its_ground_truth(tmp_path):
-    from raysearch.evaluate.groundtruth import read_copy_ground_truth
-    from raysearch.sources.replicas import write_disc21_replica
+    from raysearch.metrics.groundtruth import read_copy_ground_truth
+    from raysearch.datasets.replicas import write_disc21_replica
 
     rep = write_disc21_replica(str(tmp_path / "d"), n_references=12, n_dev_queries=6, n_test_queries=3, n_train=3)
     gt = read_copy_ground_truth(find_ground_truth(rep.root, "dev"))

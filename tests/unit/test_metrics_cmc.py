@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from raysearch.evaluate.metrics import NOT_FOUND, cmc, collection_rank, first_match_ranks, knn_recall
+from raysearch.metrics.retrieval import NOT_FOUND, cmc, collection_rank, first_match_ranks, knn_recall
 
 
 def _ids(rows):

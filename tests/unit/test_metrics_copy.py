@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from raysearch.evaluate.metrics import (
+from raysearch.metrics.retrieval import (
     NOT_FOUND,
     Predictions,
     copy_detection_metrics,

@@ -8,7 +8,7 @@ import pickle
 import numpy as np
 import pytest
 
-from raysearch.evaluate.groundtruth import (
+from raysearch.metrics.groundtruth import (
     id_key,
     read_copy_ground_truth,
     read_labels,
@@ -16,7 +16,7 @@ from raysearch.evaluate.groundtruth import (
     read_revisited_ground_truth,
     write_predictions,
 )
-from raysearch.evaluate.metrics import Predictions
+from raysearch.metrics.retrieval import Predictions
 
 
 def test_disc21_ground_truth_with_header_and_empty_references(tmp_path):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from raysearch.evaluate.metrics import (
+from raysearch.metrics.retrieval import (
     average_precision_trapezoid,
     mean_average_precision,
     positions_without_junk,

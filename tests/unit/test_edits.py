@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from raysearch.evaluate.attacks import COMBO_EDITS, EDITS, apply_edit
+from raysearch.edits import COMBO_EDITS, EDITS, apply_edit
 
 
 @pytest.fixture(scope="module")

@@ -2,8 +2,8 @@
 the data sets' exact folder structure and CSV formats, to try a layout, a job or a cluster end to
 end before pointing it at the real thing.
 
-    python -m raysearch.sources.replicas disc21 /tmp/disc21-mini
-    python -m raysearch.sources.replicas gldv2 /tmp/gldv2-mini
+    python -m raysearch.datasets.replicas disc21 /tmp/disc21-mini
+    python -m raysearch.datasets.replicas gldv2 /tmp/gldv2-mini
 
 DISC21 replica: `references/R000000.jpg...` (separated crops of photographs), `dev_queries/Q00000.jpg...`
 and `test_queries/Q50000.jpg...` (edited copies of references and edited crops of other
@@ -44,7 +44,7 @@ class Disc21Replica:
 def write_disc21_replica(root: str, n_references: int = 40, n_dev_queries: int = 16, n_test_queries: int = 8,
                          n_train: int = 10, seed: int = 0) -> Disc21Replica:
     """Write a DISC21 replica under `root` (see the module docstring)."""
-    from raysearch.evaluate.copyset import CopySetConfig, write_copy_detection_set
+    from raysearch.datasets.copyset import CopySetConfig, write_copy_detection_set
 
     os.makedirs(root, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="disc21-replica-") as tmp:
@@ -107,7 +107,7 @@ def write_gldv2_replica(root: str, n_index: int = 30, n_test: int = 12, n_train:
                         seed: int = 0) -> Gldv2Replica:
     """Write a GLDv2 replica under `root` (see the module docstring). Index and scored test images
     come from the first `n_landmarks` photographs; ignored test images from others."""
-    from raysearch.evaluate.attacks import apply_edit
+    from raysearch.edits import apply_edit
     from raysearch.samples import random_crop_box, sample_photographs
 
     photos = sample_photographs()

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image
 
-from raysearch.evaluate.attacks import EDITS, apply_edit
+from raysearch.edits import EDITS, apply_edit
 
 QUERY_EDITS = tuple(EDITS)   # every edit of the suite, combinations included
 

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from raysearch import storage
-from raysearch.evaluate.metrics import Predictions
+from raysearch.metrics.retrieval import Predictions
 
 GT_HEADER = ("query_id", "reference_id")
 PREDICTIONS_HEADER = ("query_id", "reference_id", "score")
