@@ -1,4 +1,4 @@
-"""A small copy-detection set in DISC21's format, cut from real photographs (scikit-image's).
+"""A copy-detection set in DISC21's format, cut from real photographs (scikit-image's by default).
 
 Few photographs give few distinct pictures, and random crops of one photograph overlap: a copy of
 crop A would then legitimately match crop B as well, and a one-reference-per-query ground truth
@@ -112,11 +112,17 @@ def _save(arr: np.ndarray, path: str, quality: int) -> None:
     Image.fromarray(arr).save(path, quality=quality)
 
 
-def write_copy_detection_set(folder: str, config: CopySetConfig = CopySetConfig()) -> CopySet:
-    """Write the set described in the module docstring; returns its paths and ground truth."""
-    from raysearch.samples import sample_photographs
+def write_copy_detection_set(folder: str, config: CopySetConfig = CopySetConfig(),
+                             photos: dict[str, np.ndarray] | None = None) -> CopySet:
+    """Write the set described in the module docstring; returns its paths and ground truth.
 
-    photos = sample_photographs()
+    `photos`: name -> RGB uint8 (h, w, 3) photographs to cut it from (default: scikit-image's,
+    `raysearch.samples.sample_photographs`).
+    """
+    if photos is None:
+        from raysearch.samples import sample_photographs
+
+        photos = sample_photographs()
     rng = np.random.default_rng(config.seed)
     names = [str(x) for x in rng.permutation(sorted(photos))]
     n_side = config.negative_photos + config.background_photos
