@@ -126,8 +126,9 @@ def run_measured(cmd: list[str], env: dict | None = None) -> tuple[dict, int]:
 
 def make_data(work: str, n: int, d: int, n_clusters: int, seed: int) -> dict:
     """Embeddings folder + .npy files + queries + exact top-K (cached in `work`)."""
-    from raysearch.index.shards import merge_knn
-    from raysearch.index.synthetic import ClusteredVectors, write_embeddings
+    from raysearch.formats.embeddings import write_embeddings
+    from raysearch.index.exact import exact_knn
+    from raysearch.index.synthetic import ClusteredVectors
 
     meta_path = os.path.join(work, "data.json")
     meta = {"n": n, "d": d, "n_clusters": n_clusters, "seed": seed}
@@ -138,20 +139,18 @@ def make_data(work: str, n: int, d: int, n_clusters: int, seed: int) -> dict:
     gen = ClusteredVectors(d, n_clusters, seed=seed)
     xq = gen.rows(n, n + N_QUERIES)
     start = time.perf_counter()
-    D = np.full((N_QUERIES, K), np.inf, np.float32)
-    I = np.full((N_QUERIES, K), -1, np.int64)
-    import faiss
+    blocks = []
 
     def batches():
-        nonlocal D, I
         for i, lo in enumerate(range(0, n, 100_000)):
             x = gen.rows(lo, min(n, lo + 100_000))
             np.save(os.path.join(work, "npy", f"part-{i:05d}.npy"), x)
-            Dc, Ic = faiss.knn(xq, x, K)
-            D, I = merge_knn([D, Dc], [I, Ic + lo], K, largest_first=False)
+            blocks.append(os.path.join(work, "npy", f"part-{i:05d}.npy"))
             yield x
 
     write_embeddings(os.path.join(work, "embeddings"), batches(), part_rows=4096)
+    starts = np.arange(0, n, 100_000)
+    _, I = exact_knn(xq, ((np.load(path), np.arange(lo, min(n, lo + 100_000))) for path, lo in zip(blocks, starts)), K)
     np.save(os.path.join(work, "queries.npy"), xq)
     np.save(os.path.join(work, "truth.npy"), I)
     print(f"data: {n} x {d} written in {time.perf_counter() - start:.0f} s")
@@ -188,10 +187,11 @@ def worker_raysearch(args) -> dict:
 def worker_faiss(args) -> dict:
     import faiss
 
-    from raysearch.embed import list_parts
+    from raysearch.formats.embeddings import list_parts
     from raysearch.index import factory as fac
-    from raysearch.index.build import choose_positions, make_index, part_sizes
-    from raysearch.index.shards import read_vectors
+    from raysearch.formats.embeddings import part_sizes
+    from raysearch.index.build import choose_positions, make_index
+    from raysearch.formats.embeddings import read_vectors
     from raysearch.index.train import train_index
     from raysearch.index.tune import drop_self, search_param, tune, tune_queries_count
 

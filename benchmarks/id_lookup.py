@@ -2,7 +2,7 @@
 
 An id map of --rows rows (the columns raysearch writes: id, image_id, uri) is written as Parquet
 and read back as a shard's map is (`pyarrow.parquet.read_table`, which returns it in several
-chunks). Timed: `raysearch.search.lookup_ids` for --k random ids (one query's hits), with
+chunks). Timed: `raysearch.index.store.IdMap.lookup` for --k random ids (one query's hits), with
   baseline   the map's string columns kept as the chunked arrays Parquet returned (the first IdMap)
   arrow      the columns combined into one Arrow array at load, looked up with `take`
   raysearch  IdMap as it is now (maps up to store.OBJECT_MAP_MAX_ROWS rows also hold their
@@ -43,7 +43,6 @@ def main() -> None:
     import pyarrow.parquet as pq
 
     from raysearch.index import store
-    from raysearch.search import lookup_ids
 
     ids = np.arange(args.rows, dtype=np.int64)
     path = os.path.join(tempfile.mkdtemp(prefix="rs-idmap-"), "shard-00000.ids.parquet")
@@ -59,10 +58,10 @@ def main() -> None:
     before._objects = None
     before.image_ids, before.uris = tbl.column("image_id"), tbl.column("uri")
     query = np.random.default_rng(0).integers(0, args.rows, (1, args.k))
-    base = per_call_us(lambda: lookup_ids(before, query), args.n, args.repeats)
-    one = per_call_us(lambda: lookup_ids(arrow, query), args.n, args.repeats)
-    ours = per_call_us(lambda: lookup_ids(now, query), args.n, args.repeats)
-    assert lookup_ids(before, query)[1].tolist() == lookup_ids(now, query)[1].tolist() == lookup_ids(arrow, query)[1].tolist()
+    base = per_call_us(lambda: before.lookup(query), args.n, args.repeats)
+    one = per_call_us(lambda: arrow.lookup(query), args.n, args.repeats)
+    ours = per_call_us(lambda: now.lookup(query), args.n, args.repeats)
+    assert before.lookup(query)[1].tolist() == now.lookup(query)[1].tolist() == arrow.lookup(query)[1].tolist()
     print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs; pyarrow {pa.__version__}; {args.rows} rows "
           f"read back in {tbl.column('uri').num_chunks} chunks; {args.k} ids per lookup; "
           f"object arrays: {'yes' if now._objects is not None else 'no'} (up to {store.OBJECT_MAP_MAX_ROWS} rows)")

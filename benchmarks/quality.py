@@ -63,12 +63,13 @@ def main() -> None:
     from raysearch.build import build, index_embeddings
     from raysearch.embed import EmbedConfig
     from raysearch.datasets.copyset import CopySetConfig, write_copy_detection_set
-    from raysearch.evaluate.run import CopyEvalConfig, embed_images, evaluate_copy_detection
+    from raysearch.evaluate.copy import CopyEvalConfig, evaluate_copy_detection
+    from raysearch.evaluate.queries import embed_images
     from raysearch.index import factory as fac
     from raysearch.index.build import IndexConfig
     from raysearch.models import ModelConfig
-    from raysearch.models.whitening import WhiteningConfig
-    from raysearch.rerank import DatabaseAugmentation, QueryExpansion
+    from raysearch.index.transforms import WhiteningConfig
+    from raysearch.index.expansion import DatabaseAugmentation, QueryExpansion
     from raysearch.runtime import ensure_ray
     from raysearch.search import Searcher
 

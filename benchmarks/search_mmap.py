@@ -37,7 +37,7 @@ def main() -> None:
 
     from raysearch.index.build import IndexConfig, build_index
     from raysearch.index.store import read_index_file
-    from raysearch.index.synthetic import write_embeddings
+    from raysearch.formats.embeddings import write_embeddings
     from raysearch.search import Searcher
 
     rng = np.random.default_rng(0)

@@ -80,7 +80,7 @@ def synthetic_vectors(n: int, dim: int, seed: int, n_clusters: int = 1000) -> np
 
 def ensure_index(workdir: str, n: int, shards: int, factory: str, seed: int) -> str:
     """Build the synthetic index in workdir/index, or reuse it if one with these settings exists."""
-    from raysearch.embed import write_embeddings
+    from raysearch.formats.embeddings import write_embeddings
     from raysearch.index.build import IndexConfig, build_index
     from raysearch.models.registry import ModelConfig, resolve_model
 
@@ -111,7 +111,7 @@ def ensure_index(workdir: str, n: int, shards: int, factory: str, seed: int) -> 
 
 def query_vectors(index_dir: str, n_queries: int, seed: int) -> np.ndarray:
     """Perturbed copies of indexed vectors (each query has a true near neighbour)."""
-    from raysearch.embed import embeddings_matrix, list_parts, read_part
+    from raysearch.formats.embeddings import embeddings_matrix, list_parts, read_part
 
     part = read_part(sorted(list_parts(os.path.join(index_dir, "embeddings"), "parts"))[0])
     xb = embeddings_matrix(part)

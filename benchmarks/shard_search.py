@@ -1,6 +1,6 @@
 """Searching several shards in one process: one coarse quantisation per batch vs one per shard.
 
-Shards built from one trained IVF index share its coarse quantiser. `raysearch.search.ShardGroup`
+Shards built from one trained IVF index share its coarse quantiser. `raysearch.index.fanout.ShardGroup`
 assigns a query batch to its lists once and lets each shard scan its own lists; the baseline, in the
 same process on the same open shards, searches each shard on its own (`ShardGroup(share=False)`,
 what raysearch did before). Both return the same ids and distances (checked here on every run).
@@ -51,7 +51,7 @@ def main() -> None:
     import faiss
 
     from raysearch.index.store import IndexStore
-    from raysearch.search import ShardGroup
+    from raysearch.index.fanout import ShardGroup
     from serve_load import ensure_index, query_vectors
 
     index_dir = ensure_index(args.workdir, args.vectors, args.shards, args.factory, 0)

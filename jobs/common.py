@@ -189,7 +189,7 @@ def run_tune(results: JobResults, index_dir: str, args: argparse.Namespace, n_qu
     """Stage 'tune': the nprobe the evaluations use. An index whose build tuned nprobe keeps it;
     otherwise recall@10 against exact search is measured over an nprobe sweep (`raysearch eval
     ann`) and the smallest nprobe reaching --target-recall is chosen. None for exact indexes."""
-    from raysearch.evaluate.run import AnnEvalConfig, evaluate_ann
+    from raysearch.evaluate.ann import AnnEvalConfig, evaluate_ann
     from raysearch.index.store import read_manifest
 
     with results.stage("tune") as rec:

@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     background = None
     if args.background:
-        from raysearch.evaluate.run import embeddings_or_images
+        from raysearch.evaluate.queries import embeddings_or_images
         from raysearch.search import Searcher
 
         with results.stage("background") as rec:
@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     with results.stage(f"eval_{args.queries}") as rec:
         from raysearch.metrics.groundtruth import write_predictions
-        from raysearch.evaluate.run import CopyEvalConfig, evaluate_copy_detection
+        from raysearch.evaluate.copy import CopyEvalConfig, evaluate_copy_detection
 
         gt = find_ground_truth(args.root, args.queries)
         report = evaluate_copy_detection(

@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     whitening = None
     if args.whiten_on:
-        from raysearch.models.whitening import WhiteningConfig
+        from raysearch.index.transforms import WhiteningConfig
 
         whitening = WhiteningConfig(source=args.whiten_on, dim=args.whiten_dim)
     run_build(results, f"gldv2:{args.root}:index", index_dir, args, whitening)

@@ -1,3 +1,5 @@
 """raysearch: index and search very large image collections on a Ray cluster."""
 
-__version__ = "0.1.0"
+from raysearch.version import __version__
+
+__all__ = ["__version__"]

@@ -6,19 +6,30 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
+import dataclasses
+
 from raysearch import storage
-from raysearch.embed import RUN_FILE, EmbedConfig, EmbedSummary, embed_source
+from raysearch.embed import EmbedConfig, EmbedSummary, embed_source
+from raysearch.formats.embeddings import check_embeddings_model, load_embeddings_manifest, resolve_embeddings_folder
+from raysearch.formats.runs import RUN_FILE
 from raysearch.index.build import IndexConfig, build_index
+from raysearch.index.dba import DBA_EMBEDDINGS_SUBDIR, augment_embeddings
+from raysearch.index.expansion import DatabaseAugmentation, QueryExpansion
 from raysearch.index.store import MANIFEST
 from raysearch.models.registry import resolve_model
-from raysearch.rerank import DatabaseAugmentation, QueryExpansion
+from raysearch.models.spec import ModelSpec
+from raysearch.sources import open_source
 
 log = logging.getLogger("raysearch")
 EMBEDDINGS_SUBDIR = "embeddings"
+WHITENING_EMBEDDINGS_SUBDIR = "whitening-embeddings"
 
 
 @dataclass(frozen=True)
 class BuildResult:
+    """What `build` produced: the index directory, the embedding run's summary and the index's
+    manifest."""
+
     index_dir: str
     embed: EmbedSummary
     manifest: dict[str, Any]
@@ -60,8 +71,6 @@ def build(
     index's default re-ranking for search.
     """
     spec = resolve_model(embed_config.model)  # fail on a bad model before touching the output
-    from raysearch.sources import open_source
-
     open_source(source)  # fail on a missing source before touching the output
     prepare_output_dir(index_dir, overwrite)
     embeddings_dir = storage.join(index_dir, EMBEDDINGS_SUBDIR)
@@ -70,22 +79,42 @@ def build(
     return BuildResult(index_dir=index_dir, embed=summary, manifest=manifest)
 
 
+def embeddings_for(source: str, model: dict, work_dir: str, progress: bool = False) -> str:
+    """An embeddings folder of `source` made with `model` (a spec dict): the folder itself (or an
+    index directory's), or the images of `source` embedded into `work_dir` (resumable, kept for
+    the next run)."""
+    folder = resolve_embeddings_folder(source)
+    if folder is not None:
+        check_embeddings_model(folder, model, source)
+        return folder
+    embed_source(source, work_dir, EmbedConfig(progress=progress), spec=ModelSpec.from_dict(model))
+    return work_dir
+
+
 def index_embeddings(
     embeddings_dir: str,
     index_dir: str,
     index_config: IndexConfig = IndexConfig(),
     dba: DatabaseAugmentation | None = None,
     query_expansion: QueryExpansion | None = None,
+    embed_progress: bool = False,
 ) -> dict[str, Any]:
     """`build_index` plus the build-time re-ranking options; returns the manifest.
 
-    With `dba`, the database vectors are augmented first (into INDEX_DIR/embeddings-dba, which the
-    index is then built from and its manifest names); `query_expansion` is stored in the manifest
-    as the default that `Searcher` applies.
+    A whitening learned on an image SOURCE (`--whiten-on`) embeds it first, into
+    INDEX_DIR/whitening-embeddings. With `dba`, the database vectors are augmented first (into
+    INDEX_DIR/embeddings-dba, which the index is then built from and its manifest names);
+    `query_expansion` is stored in the manifest as the default that `Searcher` applies.
     """
-    from raysearch.augment import DBA_EMBEDDINGS_SUBDIR, augment_embeddings
-
     extra: dict[str, Any] = {}
+    whitening = index_config.whitening
+    if whitening is not None and whitening.source is not None:
+        # An image SOURCE to learn the whitening on is embedded with the index's model first.
+        model = load_embeddings_manifest(embeddings_dir)["model"]
+        work = storage.join(index_dir, WHITENING_EMBEDDINGS_SUBDIR)
+        folder = embeddings_for(whitening.source, model, work, progress=embed_progress)
+        index_config = dataclasses.replace(
+            index_config, whitening=dataclasses.replace(whitening, source=folder, trained_on=whitening.source))
     if dba is not None:
         augmented = storage.join(index_dir, DBA_EMBEDDINGS_SUBDIR)
         extra["dba"] = augment_embeddings(embeddings_dir, augmented, dba, seed=index_config.seed)

@@ -44,6 +44,7 @@ def crop(img: Image.Image, rng: np.random.Generator) -> Image.Image:
 
 
 def center_crop(img: Image.Image, rng: np.random.Generator) -> Image.Image:
+    """Keep the centred window of a random fraction in [0.5, 0.85) of each side (the same for both)."""
     w, h = img.size
     f = rng.uniform(0.5, 0.85)
     cw, ch = int(w * f), int(h * f)
@@ -51,39 +52,50 @@ def center_crop(img: Image.Image, rng: np.random.Generator) -> Image.Image:
 
 
 def rotate(img: Image.Image, rng: np.random.Generator) -> Image.Image:
+    """Rotate by a random angle of 5-30 degrees either way (bilinear), expanding the canvas to hold
+    the whole picture; the uncovered corners are black."""
     angle = float(rng.uniform(5, 30) * rng.choice([-1, 1]))
     return img.rotate(angle, resample=Image.BILINEAR, expand=True, fillcolor=(0, 0, 0))
 
 
 def rotate90(img: Image.Image, rng: np.random.Generator) -> Image.Image:
+    """Rotate by 90 degrees, counter-clockwise or clockwise with equal chance."""
     return img.transpose(Image.ROTATE_90 if rng.random() < 0.5 else Image.ROTATE_270)
 
 
 def hflip(img: Image.Image, rng: np.random.Generator) -> Image.Image:
+    """Mirror left to right; draws nothing from `rng`."""
     return ImageOps.mirror(img)
 
 
 def color_jitter(img: Image.Image, rng: np.random.Generator) -> Image.Image:
+    """Scale brightness and then contrast, each by a random factor in [0.6, 1.4), then saturation by
+    one in [0.3, 1.7)."""
     img = ImageEnhance.Brightness(img).enhance(rng.uniform(0.6, 1.4))
     img = ImageEnhance.Contrast(img).enhance(rng.uniform(0.6, 1.4))
     return ImageEnhance.Color(img).enhance(rng.uniform(0.3, 1.7))
 
 
 def grayscale(img: Image.Image, rng: np.random.Generator) -> Image.Image:
+    """Convert to grey levels, returned as a three-channel RGB image; draws nothing from `rng`."""
     return ImageOps.grayscale(img).convert("RGB")
 
 
 def blur(img: Image.Image, rng: np.random.Generator) -> Image.Image:
+    """Gaussian blur with a random radius in [1, 3) pixels."""
     return img.filter(ImageFilter.GaussianBlur(radius=float(rng.uniform(1.0, 3.0))))
 
 
 def jpeg(img: Image.Image, rng: np.random.Generator) -> Image.Image:
+    """Re-encode as JPEG at a random quality from 10 to 39 and decode it again (RGB)."""
     buf = io.BytesIO()
     _rgb(img).save(buf, format="JPEG", quality=int(rng.integers(10, 40)))
     return Image.open(io.BytesIO(buf.getvalue())).convert("RGB")
 
 
 def text_overlay(img: Image.Image, rng: np.random.Generator) -> Image.Image:
+    """Write 1-3 phrases drawn from a fixed list, in random colours at random places, in a font 6-14% of the
+    image's height (at least 8 px; a fixed bitmap font without FreeType)."""
     img = img.copy()
     w, h = img.size
     draw = ImageDraw.Draw(img)
@@ -95,6 +107,8 @@ def text_overlay(img: Image.Image, rng: np.random.Generator) -> Image.Image:
 
 
 def shape_overlay(img: Image.Image, rng: np.random.Generator) -> Image.Image:
+    """Draw 1-3 filled ellipses or rectangles (equal chance) in random colours at random places, each
+    5-25% of the image's width and, independently, of its height."""
     img = img.copy()
     w, h = img.size
     draw = ImageDraw.Draw(img)
@@ -107,6 +121,8 @@ def shape_overlay(img: Image.Image, rng: np.random.Generator) -> Image.Image:
 
 
 def pad(img: Image.Image, rng: np.random.Generator) -> Image.Image:
+    """Add a border of one random flat colour: 5-30% of the width on the left and right, 5-30% of
+    the height above and below (the same on both sides)."""
     w, h = img.size
     px, py = int(w * rng.uniform(0.05, 0.3)), int(h * rng.uniform(0.05, 0.3))
     out = Image.new("RGB", (w + 2 * px, h + 2 * py), _color(rng))
@@ -115,6 +131,7 @@ def pad(img: Image.Image, rng: np.random.Generator) -> Image.Image:
 
 
 def resize(img: Image.Image, rng: np.random.Generator) -> Image.Image:
+    """Downscale both sides by one random factor in [0.3, 0.7) (bilinear, at least 16 px a side)."""
     w, h = img.size
     f = rng.uniform(0.3, 0.7)
     return img.resize((max(16, int(w * f)), max(16, int(h * f))), Image.BILINEAR)
@@ -144,6 +161,7 @@ def overlay_onto_background(img: Image.Image, rng: np.random.Generator) -> Image
 
 
 def vflip(img: Image.Image, rng: np.random.Generator) -> Image.Image:
+    """Flip upside down; draws nothing from `rng`."""
     return ImageOps.flip(img)
 
 

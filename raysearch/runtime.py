@@ -8,6 +8,7 @@ import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 log = logging.getLogger("raysearch")
 
@@ -48,15 +49,42 @@ def node_id() -> str | None:
 
 
 def cluster_gpus() -> float:
+    """GPUs of the Ray cluster this process is connected to (0.0 without any); Ray must be
+    initialised (`ensure_ray`)."""
     import ray
 
     return float(ray.cluster_resources().get("GPU", 0.0))
 
 
 def cluster_cpus() -> float:
+    """CPUs of the Ray cluster this process is connected to (1.0 if Ray reports none); Ray must be
+    initialised (`ensure_ray`)."""
     import ray
 
     return float(ray.cluster_resources().get("CPU", 1.0))
+
+
+@dataclass(frozen=True)
+class ActorResources:
+    """What each model actor of a Ray Data stage reserves, and how many run."""
+
+    concurrency: int
+    num_gpus: float
+    num_cpus: float
+    threads: int | None   # torch threads per actor (None: torch's default)
+
+
+def model_actor_resources(gpus: float, cpus: float, concurrency: int | None = None,
+                          gpus_per_actor: float | None = None, threads: int | None = None) -> ActorResources:
+    """Resources of the actors that run a model (embedding, activation) on a cluster with `gpus`
+    GPUs and `cpus` CPUs: one GPU each when there are GPUs (unless gpus_per_actor is 0), else one
+    actor per 4 CPUs. Each reserves one CPU, so decode tasks always get the rest, but torch uses the
+    actor's share of the machine (on 2 cores: one actor with 2 threads, decode tasks overlapping)."""
+    if gpus >= 1 and gpus_per_actor != 0:
+        per = gpus_per_actor or 1.0
+        return ActorResources(concurrency or max(1, int(gpus / per)), per, 1, threads)
+    concurrency = concurrency or max(1, int(cpus // 4))
+    return ActorResources(concurrency, 0, 1, threads or max(1, int(cpus // concurrency)))
 
 
 def configure_data_context(progress: bool = True) -> None:

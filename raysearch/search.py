@@ -1,4 +1,5 @@
-"""Searching an index directory in-process: fan out over shards, merge the top-k exactly.
+"""Searching an index directory in-process: fan out over shards, merge the top-k exactly
+(`raysearch.index.fanout`), map vector ids back to image ids.
 
 Scores are "higher is more similar" whatever the metric: for L2 indexes, score = 1 - d/2 where d is
 the squared L2 distance, which equals the cosine similarity for unit vectors; for inner-product
@@ -12,184 +13,16 @@ space, from database vectors reconstructed by the index itself (`VectorLookup`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import faiss
 import numpy as np
 
-from raysearch import storage
+from raysearch.index.expansion import QueryExpansion, alpha_query_expansion
+from raysearch.index.fanout import SearchResult, ShardGroup, distances_to_scores, merge_topk
 from raysearch.index.store import IdMap, IndexStore
+from raysearch.index.transforms import PreTransformParts, split_pretransform
 from raysearch.models.embedder import embed_image_uris, preprocess_image
-from raysearch.models.whitening import PreTransformParts, split_pretransform
-from raysearch.rerank import QueryExpansion, alpha_query_expansion
 
 MAX_K = 1000
-PARALLEL_OVER_QUERIES = 3  # faiss.IndexIVF.parallel_mode
-
-
-@dataclass
-class SearchResult:
-    """Top-k per query: scores (nq, k) float32 (higher = more similar), ids (nq, k) int64 vector ids
-    (-1 where fewer than k results), shard (nq, k) int32 index of the shard that holds each id."""
-
-    scores: np.ndarray
-    ids: np.ndarray
-    shard: np.ndarray
-
-
-def distances_to_scores(D: np.ndarray, metric: str) -> np.ndarray:
-    if metric == "l2":
-        return (1.0 - D / 2.0).astype(np.float32)
-    return D.astype(np.float32)
-
-
-def merge_topk(scores: list[np.ndarray], ids: list[np.ndarray], k: int) -> SearchResult:
-    """Merge per-shard top-k lists (higher score first) into the global top-k.
-
-    Missing results (id -1) sort last. Ties keep shard order, then rank order within a shard.
-    """
-    nq = scores[0].shape[0] if scores else 0
-    if not scores:
-        return SearchResult(np.zeros((0, k), np.float32), np.zeros((0, k), np.int64), np.zeros((0, k), np.int32))
-    S = np.concatenate(scores, axis=1)
-    I = np.concatenate(ids, axis=1)
-    shard = np.concatenate([np.full(s.shape, i, dtype=np.int32) for i, s in enumerate(scores)], axis=1)
-    S = np.where(I < 0, -np.inf, S)
-    order = np.argsort(-S, axis=1, kind="stable")[:, :k]
-    rows = np.arange(nq)[:, None]
-    S, I, shard = S[rows, order], I[rows, order], shard[rows, order]
-    if S.shape[1] < k:  # fewer candidates than k in total: pad
-        pad = k - S.shape[1]
-        S = np.pad(S, ((0, 0), (0, pad)), constant_values=-np.inf)
-        I = np.pad(I, ((0, 0), (0, pad)), constant_values=-1)
-        shard = np.pad(shard, ((0, 0), (0, pad)), constant_values=-1)
-    S = np.where(I < 0, np.float32(np.nan), S).astype(np.float32)
-    return SearchResult(S, I.astype(np.int64), shard.astype(np.int32))
-
-
-def set_search_params(index: faiss.Index, nprobe: int | None) -> None:
-    """Set nprobe (IVF) or efSearch (HNSW) through any wrapper (pre-transform, IDMap)."""
-    if nprobe is None:
-        return
-    ps = faiss.ParameterSpace()
-    try:
-        faiss.extract_index_ivf(index)
-        ps.set_index_parameter(index, "nprobe", int(nprobe))
-        return
-    except RuntimeError:
-        pass
-    base = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap) else index
-    if isinstance(base, faiss.IndexHNSW):
-        base.hnsw.efSearch = int(nprobe)
-
-
-def search_index(index: faiss.Index, xq: np.ndarray, k: int, nprobe: int | None, metric: str) -> tuple[np.ndarray, np.ndarray]:
-    """One shard: (scores, ids), each (nq, k)."""
-    set_search_params(index, nprobe)
-    D, I = index.search(np.ascontiguousarray(xq, dtype=np.float32), k)
-    return distances_to_scores(D, metric), I
-
-
-class ShardGroup:
-    """The shards of one index, searched together: (D, I) per shard, in shard order.
-
-    Shards built from one trained index share its coarse quantiser. When every shard is a plain
-    IVF index over identical centroids, a query batch is assigned to its nprobe lists once and
-    each shard only scans its own lists (`search_preassigned`): the same results as searching
-    every shard on its own, without repeating the quantisation (at low nprobe most of the cost
-    of a small batch: 160 of 175 us per shard for 1024 x 1280-d centroids). Any other mix of
-    shards (HNSW, a pre-transform in front of the IVF, differing centroids) is searched shard by
-    shard.
-    """
-
-    def __init__(self, indexes: list[faiss.Index], share: bool = True):
-        self.indexes = list(indexes)
-        self.ivfs = _same_coarse_quantizer(self.indexes) if share and len(self.indexes) > 1 else None
-        for ivf in self.ivfs or []:
-            # FAISS splits a batch over threads in `search` (mode 0) but not in
-            # `search_preassigned`; mode 3 splits the queries there too (same per-query work, so the
-            # same results, and `search` itself runs as fast in this mode).
-            ivf.parallel_mode = PARALLEL_OVER_QUERIES
-
-    @property
-    def shared(self) -> bool:
-        """True when the shards share one coarse quantisation per batch."""
-        return self.ivfs is not None
-
-    def search(self, xq: np.ndarray, k: int, nprobe: int | None) -> list[tuple[np.ndarray, np.ndarray]]:
-        xq = np.ascontiguousarray(xq, dtype=np.float32)
-        if self.ivfs is None:
-            out = []
-            for index in self.indexes:
-                set_search_params(index, nprobe)
-                out.append(index.search(xq, k))
-            return out
-        first = self.ivfs[0]
-        probe = min(int(nprobe or first.nprobe), int(first.nlist))
-        coarse_d, coarse_i = first.quantizer.search(xq, probe)
-        # nprobe goes in per-call parameters, not into the shared indexes: threads searching the
-        # same shards with different nprobe values do not disturb each other.
-        params = faiss.SearchParametersIVF()
-        params.nprobe = probe
-        n = xq.shape[0]
-        out = []
-        for ivf in self.ivfs:
-            D, I = np.empty((n, k), np.float32), np.empty((n, k), np.int64)
-            ivf.search_preassigned_c(n, faiss.swig_ptr(xq), k, faiss.swig_ptr(coarse_i), faiss.swig_ptr(coarse_d),
-                                     faiss.swig_ptr(D), faiss.swig_ptr(I), False, params)
-            out.append((D, I))
-        return out
-
-
-def _same_coarse_quantizer(indexes: list[faiss.Index]) -> list[faiss.IndexIVF] | None:
-    """The indexes as IndexIVF objects when each is a plain IVF index (no wrapper) and all have
-    the same metric and identical coarse centroids; None otherwise."""
-    ivfs = []
-    for index in indexes:
-        ivf = faiss.downcast_index(index)
-        if not isinstance(ivf, faiss.IndexIVF):
-            return None
-        ivfs.append(ivf)
-    first = ivfs[0]
-    if any(ivf.nlist != first.nlist or ivf.d != first.d or ivf.metric_type != first.metric_type for ivf in ivfs):
-        return None
-    try:
-        centroids = first.quantizer.reconstruct_n(0, first.nlist)
-        if any(not np.array_equal(ivf.quantizer.reconstruct_n(0, ivf.nlist), centroids) for ivf in ivfs[1:]):
-            return None
-    except RuntimeError:  # a quantiser that cannot give its centroids back: do not assume
-        return None
-    return ivfs
-
-
-def search_shards(
-    shards: list[faiss.Index] | ShardGroup, xq: np.ndarray, k: int, nprobe: int | None, metric: str
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Search every shard and merge the top-k exactly, in the distance domain: (D, I, shard), each
-    (nq, k); D float32 (squared L2 or inner product, NaN where no result), I int64 (-1 where no
-    result), shard int32 (-1 where no result).
-
-    Every shard holds vectors quantised by the same trained index, so the shards' top-k lists
-    merged by distance are exactly the top-k of one index holding all of them.
-    """
-    largest_first = metric != "l2"
-    group = shards if isinstance(shards, ShardGroup) else ShardGroup(shards)
-    D_list, I_list, S_list = [], [], []
-    for s, (D, I) in enumerate(group.search(xq, k, nprobe)):
-        D_list.append(D)
-        I_list.append(I)
-        S_list.append(np.full(I.shape, s, dtype=np.int32))
-    if not group.indexes:
-        empty = np.full((xq.shape[0], k), -1, dtype=np.int64)
-        return np.full(empty.shape, np.nan, np.float32), empty, empty.astype(np.int32)
-    D = np.concatenate(D_list, axis=1)
-    I = np.concatenate(I_list, axis=1)
-    S = np.concatenate(S_list, axis=1)
-    key = np.where(I < 0, np.inf, -D if largest_first else D)
-    order = np.argsort(key, axis=1, kind="stable")[:, :k]
-    D, I, S = (np.take_along_axis(a, order, axis=1) for a in (D, I, S))
-    missing = I < 0
-    return np.where(missing, np.float32(np.nan), D).astype(np.float32), I.astype(np.int64), np.where(missing, -1, S).astype(np.int32)
 
 
 class VectorLookup:
@@ -261,6 +94,12 @@ class Searcher:
     def dim(self) -> int:
         return self.store.dim
 
+    @property
+    def inner_index(self) -> faiss.Index | None:
+        """The first shard's index behind its transforms (None for an index without shards): what
+        kind of index the queries reach (IVF, HNSW, Flat ...) after whitening."""
+        return self._parts[0].inner if self._parts else None
+
     def to_index_space(self, xq: np.ndarray) -> np.ndarray:
         """Raw query vectors (n, dim) -> the vectors the inner indexes compare (whitened if the
         index whitens; unchanged otherwise)."""
@@ -286,7 +125,7 @@ class Searcher:
         qe = self.query_expansion if query_expansion is None else (query_expansion or None)
         nprobe = nprobe or self.store.nprobe
         if xq.shape[0] == 0:
-            return SearchResult(np.zeros((0, k), np.float32), np.zeros((0, k), np.int64), np.zeros((0, k), np.int32))
+            return SearchResult.empty(k)
         results = [self._search_batch(xq[i:i + batch_size], k, nprobe, qe) for i in range(0, max(1, len(xq)), batch_size)]
         if len(results) == 1:
             return results[0]
@@ -304,7 +143,9 @@ class Searcher:
     def search_index_space(self, xs: np.ndarray, k: int, nprobe: int | None = None) -> SearchResult:
         """Search vectors that are already in the index's space (see `to_index_space`)."""
         per_shard = self._group.search(xs, k, nprobe)
-        return merge_topk([distances_to_scores(D, self.store.metric) for D, _ in per_shard], [I for _, I in per_shard], k)
+        metric = self.store.metric
+        merged = merge_topk([D for D, _ in per_shard], [I for _, I in per_shard], k, keep_max=metric != "l2")
+        return SearchResult(distances_to_scores(merged.D, metric), merged.I, merged.source)
 
     def vectors(self, ids: np.ndarray, shard: np.ndarray) -> np.ndarray:
         """Database vectors in the index's space for result ids (any shape) and their shards;
@@ -327,7 +168,7 @@ class Searcher:
             mask = (result.shard == s) & (result.ids >= 0)
             if not mask.any():
                 continue
-            image_ids[mask], uris[mask] = lookup_ids(id_map, result.ids[mask])
+            image_ids[mask], uris[mask] = id_map.lookup(result.ids[mask])
         return image_ids, uris
 
     def embedder(self):
@@ -359,19 +200,6 @@ class Searcher:
         result.scores[bad] = np.nan
         result.shard[bad] = -1
         return result, problems
-
-
-def lookup_ids(id_map: IdMap, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Vector ids of one shard -> (image_ids, uris), object arrays shaped like `ids`; None for an
-    id the shard does not hold (or -1)."""
-    ids = np.asarray(ids, dtype=np.int64)
-    image_ids = np.full(ids.shape, None, dtype=object)
-    uris = np.full(ids.shape, None, dtype=object)
-    pos = id_map.positions(ids.ravel())
-    found = pos >= 0
-    if found.any():
-        image_ids.ravel()[found], uris.ravel()[found] = id_map.strings(pos[found])
-    return image_ids, uris
 
 
 def check_queries(xq: np.ndarray, dim: int) -> np.ndarray:

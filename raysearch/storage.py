@@ -8,6 +8,7 @@ over the target (rename is atomic on POSIX); on object stores a single PUT is al
 from __future__ import annotations
 
 import contextlib
+import logging
 import hashlib
 import io
 import json
@@ -20,6 +21,8 @@ from typing import Any
 import fsspec
 from fsspec.core import url_to_fs
 
+log = logging.getLogger("raysearch")
+
 _CHUNK = 8 << 20
 
 
@@ -30,6 +33,7 @@ def get_fs(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
 
 
 def is_local(uri: str) -> bool:
+    """Whether `uri` is on the local filesystem (a plain path or file://)."""
     fs, _ = get_fs(uri)
     return "file" in _protocols(fs)
 
@@ -56,26 +60,31 @@ def join(uri: str, *parts: str) -> str:
 
 
 def exists(uri: str) -> bool:
+    """Whether a file or folder exists at `uri`."""
     fs, path = get_fs(uri)
     return fs.exists(path)
 
 
 def isdir(uri: str) -> bool:
+    """Whether `uri` is a folder."""
     fs, path = get_fs(uri)
     return fs.isdir(path)
 
 
 def makedirs(uri: str) -> None:
+    """Create the folder `uri` and its parents; an existing folder is fine."""
     fs, path = get_fs(uri)
     fs.makedirs(path, exist_ok=True)
 
 
 def size(uri: str) -> int:
+    """Size of the file at `uri`, in bytes."""
     fs, path = get_fs(uri)
     return int(fs.size(path))
 
 
 def read_bytes(uri: str) -> bytes:
+    """The whole file at `uri`. Raises FileNotFoundError naming `uri` when it is missing."""
     fs, path = get_fs(uri)
     try:
         return fs.cat_file(path)
@@ -84,6 +93,7 @@ def read_bytes(uri: str) -> bytes:
 
 
 def read_json(uri: str) -> Any:
+    """The UTF-8 JSON file at `uri`, parsed."""
     return json.loads(read_bytes(uri).decode("utf-8"))
 
 
@@ -109,6 +119,7 @@ def atomic_write(uri: str, data: bytes) -> None:
 
 
 def atomic_write_json(uri: str, obj: Any) -> None:
+    """Write `obj` as indented JSON (UTF-8, newline at the end) with `atomic_write`."""
     atomic_write(uri, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode("utf-8"))
 
 
@@ -121,6 +132,7 @@ def atomic_output(uri: str) -> Iterator[io.BytesIO]:
 
 
 def remove(uri: str, recursive: bool = False) -> None:
+    """Delete the file at `uri` (a folder and its contents with `recursive`); nothing if it is absent."""
     fs, path = get_fs(uri)
     if fs.exists(path):
         fs.rm(path, recursive=recursive)
@@ -165,3 +177,45 @@ def local_copy(uri: str, folder: str) -> str:
     target = os.path.join(folder, posixpath.basename(path))
     fs.get_file(path, target)
     return target
+
+
+def read_many(uris: list[str]) -> list[bytes | Exception]:
+    """Fetch files; remote ones concurrently (fsspec's async cat), errors returned, not raised."""
+    if not uris:
+        return []
+    out: list[bytes | Exception] = []
+    if all("://" not in u for u in uris):
+        for u in uris:
+            try:
+                with open(u, "rb") as f:
+                    out.append(f.read())
+            except OSError as e:
+                out.append(e)
+        return out
+    fs, _ = get_fs(uris[0])
+    paths = [get_fs(u)[1] for u in uris]
+    try:
+        got = fs.cat(paths, on_error="return")
+    except Exception as e:  # a filesystem that fails the whole call: fall back to one by one
+        got = {}
+        for p in paths:
+            try:
+                got[p] = fs.cat_file(p)
+            except Exception as inner:  # noqa: BLE001 - every failure becomes an error row
+                got[p] = inner
+        log.debug("batched read failed (%s), read files one by one", e)
+    for p in paths:
+        value = got.get(p, FileNotFoundError(p)) if isinstance(got, dict) else got
+        out.append(value)
+    return out
+
+
+def read_failure_reason(e: Exception) -> str:
+    """A short reason for an error row from the exception a read returned."""
+    if isinstance(e, FileNotFoundError):
+        return "file not found"
+    if isinstance(e, PermissionError):
+        return "permission denied"
+    if isinstance(e, IsADirectoryError):
+        return "is a directory"
+    return f"unreadable: {type(e).__name__}: {e}"

@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from raysearch.activate.jnd import LUMA, jnd_heatmap
+from raysearch.index.transforms import split_pretransform
 
 TARGETS = ("pq", "ivf")
 LOSSES = ("cosine", "rank")
@@ -89,24 +90,9 @@ class ActivateConfig:
 # ---------------------------------------------------------------------------------------------
 
 
-def split_pretransform(index: faiss.Index) -> tuple[list, faiss.Index]:
-    """(vector transforms applied before the index, the index that quantises), ids wrappers removed."""
-    from raysearch.models.whitening import split_pretransform as split
-
-    index = faiss.downcast_index(index)
-    if isinstance(index, faiss.IndexIDMap):
-        index = faiss.downcast_index(index.index)
-    parts = split(index)
-    inner = faiss.downcast_index(parts.inner)
-    if isinstance(inner, faiss.IndexIDMap):
-        inner = faiss.downcast_index(inner.index)
-    # The transforms and inner index are views into `index`: callers keep `index` alive while using them.
-    return parts.transforms, inner
-
-
 def check_quantising(index: faiss.Index, target: str) -> None:
     """Activation needs a lossy index: PQ codes for the 'pq' target, an IVF for 'ivf'."""
-    _, inner = split_pretransform(index)
+    inner = split_pretransform(index).quantiser
     try:
         faiss.extract_index_ivf(inner)
         has_ivf = True
@@ -126,10 +112,9 @@ def check_quantising(index: faiss.Index, target: str) -> None:
 def quantised_targets(index: faiss.Index, x: np.ndarray, target: str = "pq") -> np.ndarray:
     """Where `index` (trained) quantises the vectors x (n, d): their PQ reconstruction or their IVF
     centroid, in the index's own space (after its pre-transform). Returns (n, d') float32."""
-    chain, inner = split_pretransform(index)
-    xt = np.ascontiguousarray(x, dtype=np.float32)
-    for vt in chain:
-        xt = vt.apply(xt)
+    parts = split_pretransform(index)  # views into `index`, which the caller keeps alive
+    inner = parts.quantiser
+    xt = parts.apply(x)
     if target == "pq":
         return inner.sa_decode(inner.sa_encode(xt)).astype(np.float32)
     ivf = faiss.extract_index_ivf(inner)

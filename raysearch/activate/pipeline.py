@@ -36,24 +36,45 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from raysearch import __version__, storage
-from raysearch.errors import ActivationError
+from raysearch import storage
 from raysearch.activate import DEFAULT_BATCH_PIXELS
-from raysearch.activate.optimize import ActivateConfig, check_quantising
-from raysearch.embed import ERROR_SCHEMA, list_parts, read_rows_column
+from raysearch.activate.optimize import (
+    ActivateConfig,
+    TorchTransform,
+    activate_batch,
+    check_quantising,
+    quantised_targets,
+)
+from raysearch.errors import ActivationError
+from raysearch.formats.embeddings import (
+    ERROR_SCHEMA,
+    content_name,
+    embeddings_matrix,
+    list_parts,
+    read_errors,
+    read_part,
+    read_rows_column,
+    write_error_part,
+    write_table,
+)
+from raysearch.formats.runs import RunFolder, check_error_rate
 from raysearch.images import DecodeError, decode_image, resize_image
 from raysearch.index.store import IndexStore
-from raysearch.sources import open_source
-from raysearch.sources.listing import Listing, write_listing
+from raysearch.index.transforms import split_pretransform
+from raysearch.models.embedder import Embedder
+from raysearch.models.names import DEFAULT_MODEL
+from raysearch.runtime import cluster_cpus, cluster_gpus, configure_data_context, ensure_ray, model_actor_resources
+from raysearch.search import Searcher
+from raysearch.sources.listing import Listing
+from raysearch.version import __version__
 
 if TYPE_CHECKING:
-    from raysearch.search import Searcher
     from raysearch.models.spec import ModelSpec
 
 log = logging.getLogger("raysearch")
 
-RUN_FILE = "run.json"
 DONE_FILE = "activate.json"
+KINDS = ("report", "errors")   # the parts that mark a row as done
 FORMATS = ("png", "jpg")
 REPORT_SCHEMA = pa.schema(
     [
@@ -135,11 +156,7 @@ def _index_ids(store: IndexStore) -> dict[str, int]:
 
 def _embedding_parts(store: IndexStore) -> list[str]:
     """The Parquet parts of every embeddings folder the index was built or grown from."""
-    parts: list[str] = []
-    for folder in store.manifest.get("embeddings", []):
-        base = folder if ("://" in folder or os.path.isabs(folder)) else storage.join(store.index_dir, folder)
-        parts.extend(list_parts(base))
-    return parts
+    return [uri for folder in store.embeddings_folders() for uri in list_parts(folder)]
 
 
 def _embedding_locations(store: IndexStore) -> tuple[list[str], dict[int, tuple[int, int]]]:
@@ -155,8 +172,6 @@ def _embedding_locations(store: IndexStore) -> tuple[list[str], dict[int, tuple[
 def stored_embeddings(store: IndexStore) -> tuple[np.ndarray, np.ndarray]:
     """Every vector the index was built from, as stored before quantisation: ((n, dim) float32,
     image_ids (n,) object), read from the index's embeddings folders (all of them in memory)."""
-    from raysearch.embed import embeddings_matrix, read_part
-
     vectors, image_ids = [], []
     for uri in _embedding_parts(store):
         tbl = read_part(uri, columns=["image_id", "embedding"])
@@ -235,14 +250,12 @@ def competitor_nprobe(store: IndexStore, trained: Any) -> int | None:
     """nprobe (efSearch for HNSW) of the competitor search; None: the index's default."""
     import faiss
 
-    from raysearch.activate.optimize import split_pretransform
-
     tuned = store.nprobe
     if tuned is None:
         return None
     wider = COMPETITOR_NPROBE_FACTOR * int(tuned)
     try:
-        return min(wider, int(faiss.extract_index_ivf(split_pretransform(trained)[1]).nlist))
+        return min(wider, int(faiss.extract_index_ivf(split_pretransform(trained).quantiser).nlist))
     except RuntimeError:  # not an IVF: efSearch, no upper bound
         return wider
 
@@ -279,8 +292,6 @@ def find_competitors(
 
 def load_inputs(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Ray Data task: stored vectors from one embeddings part, image bytes decoded at full size."""
-    from raysearch.embed import read_many, read_part
-
     rows_out, ids_out, uris_out, pixels_out, vec_out, err_out = [], [], [], [], [], []
     for part_uri, rows_b, pos_b, ids_j, uris_j in zip(
         batch["part_uri"], batch["rows"], batch["positions"], batch["image_ids"], batch["uris"]
@@ -291,10 +302,10 @@ def load_inputs(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         tbl = read_part(str(part_uri), columns=["embedding"]).take(pa.array(positions))
         col = tbl.column("embedding").combine_chunks()
         vectors = col.values.to_numpy(zero_copy_only=False).reshape(len(positions), col.type.list_size)
-        for i, data in enumerate(read_many(uris)):
+        for i, data in enumerate(storage.read_many(uris)):
             pixels, error = np.zeros((1, 1, 3), np.uint8), ""
             if isinstance(data, Exception):
-                error = f"unreadable: {type(data).__name__}: {data}"
+                error = storage.read_failure_reason(data)
             else:
                 try:
                     pixels = decode_image(data)
@@ -325,9 +336,6 @@ class Activator:
                  max_pixels: int | None = DEFAULT_BATCH_PIXELS):
         import torch
 
-        from raysearch.activate.optimize import TorchTransform, split_pretransform
-        from raysearch.models.embedder import Embedder
-
         if torch_threads:
             torch.set_num_threads(torch_threads)
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -337,15 +345,12 @@ class Activator:
         self.max_pixels = max_pixels
         self.trained = store.load_trained()
         check_quantising(self.trained, self.config.target)
-        chain, _ = split_pretransform(self.trained)
-        self.transform = TorchTransform(chain).to(self.device)
+        self.transform = TorchTransform(split_pretransform(self.trained).transforms).to(self.device)
         self.embedder = Embedder(self.spec.to_dict(), device=self.device)
         self.model = self.embedder.model
         self.searcher: Searcher | None = None
         self.nprobe: int | None = None
         if self.config.loss == "rank":
-            from raysearch.search import Searcher
-
             self.searcher = Searcher(store, query_expansion=False)
             self.nprobe = competitor_nprobe(store, self.trained)
 
@@ -355,8 +360,6 @@ class Activator:
         With the rank loss, an image without any competitor (the index holds nothing else) is
         activated with the cosine loss instead.
         """
-        from raysearch.activate.optimize import activate_batch, quantised_targets
-
         targets = quantised_targets(self.trained, vectors, self.config.target)
 
         def run(idx: np.ndarray, config: ActivateConfig, competitors: np.ndarray | None) -> list:
@@ -433,8 +436,6 @@ def write_outputs(batch: dict[str, np.ndarray], out_dir: str, fmt: str, quality:
     from PIL import Image
     from skimage.metrics import structural_similarity
 
-    from raysearch.embed import content_name, write_table
-
     rows = np.asarray(batch["row"], dtype=np.int64)
     errors = np.asarray(batch["error"], dtype=object)
     ok = np.asarray([not e for e in errors], dtype=bool)
@@ -462,13 +463,7 @@ def write_outputs(batch: dict[str, np.ndarray], out_dir: str, fmt: str, quality:
     if ok.any():
         write_table(storage.join(out_dir, "report", content_name(rows[ok])), pa.table(report, schema=REPORT_SCHEMA))
     if (~ok).any():
-        tbl = pa.table(
-            {"row": pa.array(rows[~ok]), "image_id": pa.array([str(x) for x in batch["image_id"][~ok]], pa.string()),
-             "uri": pa.array([str(x) for x in batch["uri"][~ok]], pa.string()),
-             "reason": pa.array([str(x) for x in errors[~ok]], pa.string())},
-            schema=ERROR_SCHEMA,
-        )
-        write_table(storage.join(out_dir, "errors", content_name(rows[~ok])), tbl)
+        write_error_part(out_dir, rows[~ok], batch["image_id"][~ok], batch["uri"][~ok], errors[~ok])
     return {"n_ok": np.array([int(ok.sum())]), "n_errors": np.array([int((~ok).sum())])}
 
 
@@ -490,6 +485,11 @@ def _run_record(store: IndexStore, source_spec: str, config: ActivatePipelineCon
     }
 
 
+def activation_run(out_dir: str) -> RunFolder:
+    """The run folder of an activation (complete once activate.json is written)."""
+    return RunFolder(out_dir, DONE_FILE, _same, ActivationError)
+
+
 def _same(a: dict, b: dict) -> bool:
     keys = ("index_manifest_sha256", "source", "activate", "format", "quality")
     defaults = dataclasses.asdict(ActivateConfig())
@@ -501,18 +501,8 @@ def _same(a: dict, b: dict) -> bool:
     return norm(a) == norm(b)
 
 
-def _done_mask(out_dir: str, listing: Listing) -> np.ndarray:
-    done = np.zeros(listing.n_rows, dtype=bool)
-    for kind in ("report", "errors"):
-        rows = read_rows_column(list_parts(out_dir, kind)) - listing.first_row
-        done[rows[(rows >= 0) & (rows < listing.n_rows)]] = True
-    return done
-
-
 def read_report(out_dir: str) -> pa.Table:
     """Every report row of an activation folder, sorted by row."""
-    from raysearch.embed import read_part
-
     tables = [read_part(u) for u in list_parts(out_dir, "report")]
     return pa.concat_tables(tables).sort_by("row") if tables else REPORT_SCHEMA.empty_table()
 
@@ -523,8 +513,6 @@ def loss_advice(model_spec: ModelSpec, config: ActivateConfig) -> str | None:
     Measured (benchmarks/RESULTS.md, "Active indexing"): with the built-in EfficientNet-Lite0 + GeM,
     which is not trained to be invariant to edits, the published cosine loss lowered recall@1 of
     edited copies (0.92x passive) while the rank loss raised it (1.08x)."""
-    from raysearch.models.names import DEFAULT_MODEL
-
     if config.loss != "cosine" or model_spec.name != DEFAULT_MODEL or model_spec.weights:
         return None
     return (
@@ -542,63 +530,35 @@ def activate_source(
     """Activate every image of `source_spec` that the index holds; write images and a report."""
     import ray
 
-    from raysearch.embed import read_errors
-    from raysearch.runtime import cluster_cpus, cluster_gpus, configure_data_context, ensure_ray
-
     start = time.perf_counter()
     store = IndexStore(index_dir)
     check_quantising(store.load_trained(), config.activate.target)
     advice = loss_advice(store.model_spec, config.activate)
     if advice:
         log.warning(advice)
-    record = _run_record(store, source_spec, config)
-    run_uri = storage.join(out_dir, RUN_FILE)
-    if storage.exists(out_dir) and storage.listdir(out_dir):
-        if overwrite:
-            for name in storage.listdir(out_dir):
-                storage.remove(storage.join(out_dir, name), recursive=True)
-        elif not storage.exists(run_uri):
-            raise ValueError(f"--out {out_dir} is not empty; pass --overwrite to replace it")
-        elif not _same(storage.read_json(run_uri), record):
-            raise ActivationError(f"{out_dir} holds an activation with other arguments; use --overwrite to replace it")
-    storage.ensure_writable_dir(out_dir)
-    if storage.exists(run_uri):
-        listing = Listing.from_dict(storage.read_json(run_uri)["listing"])
-        resumed = True
-    else:
-        listing = write_listing(open_source(source_spec), storage.join(out_dir, "listing"))
-        if listing.n_rows == 0:
-            raise ValueError(f"source {source_spec!r} holds no images")
-        storage.atomic_write_json(run_uri, {**record, "listing": listing.to_dict()})
-        resumed = False
-    done_uri = storage.join(out_dir, DONE_FILE)
-    done = _done_mask(out_dir, listing) if resumed else np.zeros(listing.n_rows, bool)
+    run = activation_run(out_dir)
+    listing, resumed = run.start(_run_record(store, source_spec, config), source_spec, overwrite=overwrite,
+                                 what="an activation")
+    done = run.done_mask(listing, KINDS) if resumed else np.zeros(listing.n_rows, bool)
     n_skipped = int(done.sum())
-    if not (resumed and storage.exists(done_uri)):
+    if not (resumed and run.is_complete()):
         tasks, plan_errors = plan_activation(store, listing, done, config.chunk_rows)
         if plan_errors.num_rows:
-            from raysearch.embed import content_name, write_table
-
             write_table(storage.join(out_dir, "errors", content_name(plan_errors.column("row").to_numpy())), plan_errors)
         if tasks:
             ensure_ray()
             configure_data_context(config.progress)
-            gpus, cpus = cluster_gpus(), cluster_cpus()
-            if gpus >= 1:
-                concurrency, num_gpus, threads = config.concurrency or int(gpus), 1, None
-            else:
-                concurrency = config.concurrency or max(1, int(cpus // 4))
-                num_gpus, threads = 0, max(1, int(cpus // concurrency))
+            res = model_actor_resources(cluster_gpus(), cluster_cpus(), config.concurrency)
             ds = ray.data.from_items(tasks, override_num_blocks=len(tasks))
             ds = ds.map_batches(load_inputs, batch_size=1, num_cpus=1, memory=1 << 30)
             ds = ds.map_batches(
                 Activator,
                 batch_size=config.batch_size,
-                fn_constructor_kwargs={"index_dir": store.index_dir, "config": dataclasses.asdict(config.activate), "torch_threads": threads,
-                                      "max_pixels": config.max_batch_pixels},
-                compute=ray.data.ActorPoolStrategy(size=concurrency),
-                num_gpus=num_gpus,
-                num_cpus=1,
+                fn_constructor_kwargs={"index_dir": store.index_dir, "config": dataclasses.asdict(config.activate),
+                                       "torch_threads": res.threads, "max_pixels": config.max_batch_pixels},
+                compute=ray.data.ActorPoolStrategy(size=res.concurrency),
+                num_gpus=res.num_gpus,
+                num_cpus=res.num_cpus,
             )
             ds = ds.map_batches(
                 write_outputs, batch_size=config.batch_size, num_cpus=0,
@@ -606,7 +566,8 @@ def activate_source(
             )
             for _ in ds.iter_batches(batch_size=None):
                 pass
-    done = _done_mask(out_dir, listing)
+    run.drop_repeated_rows(listing, KINDS)
+    done = run.done_mask(listing, KINDS)
     if not done.all():
         raise ActivationError(f"{int((~done).sum())} images were not processed; rerun to resume")
     report = read_report(out_dir)
@@ -623,10 +584,6 @@ def activate_source(
         n_skipped=n_skipped, seconds=elapsed, mean_psnr=mean("psnr"), mean_ssim=mean("ssim"),
         mean_cos_before=mean("cos_before"), mean_cos_after=mean("cos_after"),
     )
-    storage.atomic_write_json(done_uri, {**dataclasses.asdict(summary), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
-    if listing.n_rows and n_errors / listing.n_rows > config.max_error_rate:
-        raise ActivationError(
-            f"{n_errors} of {listing.n_rows} images could not be activated (> --max-error-rate "
-            f"{config.max_error_rate:.1%}); see {storage.join(out_dir, 'errors')}"
-        )
+    run.finish({**dataclasses.asdict(summary), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+    check_error_rate(n_errors, listing.n_rows, config.max_error_rate, out_dir, "activated", ActivationError)
     return summary

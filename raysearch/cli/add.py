@@ -31,7 +31,7 @@ def add(
     (rerun the same command to finish it).
     """
     from raysearch.embed import EmbedConfig
-    from raysearch.index.grow import AddConfig, add_images
+    from raysearch.add import AddConfig, add_images
     from raysearch.runtime import ensure_ray
 
     setup_logging(verbose)

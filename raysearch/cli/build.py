@@ -63,8 +63,8 @@ def parse_scales(text: Optional[str]) -> tuple[float, ...]:
 def quality_options(whiten: bool, whiten_on: Optional[str], whiten_dim: Optional[int], whiten_shrinkage: float,
                     dba: int, dba_alpha: float, qe: int, qe_alpha: float):
     """(WhiteningConfig | None, DatabaseAugmentation | None, QueryExpansion | None) from the options."""
-    from raysearch.models.whitening import WhiteningConfig
-    from raysearch.rerank import DatabaseAugmentation, QueryExpansion
+    from raysearch.index.transforms import WhiteningConfig
+    from raysearch.index.expansion import DatabaseAugmentation, QueryExpansion
 
     if dba < 0 or qe < 0:
         raise ValueError(f"--dba and --qe must be >= 0, got {dba} and {qe}")

@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 
 import typer
 
-from raysearch import __version__
+from raysearch.version import __version__
 
 app = typer.Typer(
     name="raysearch",

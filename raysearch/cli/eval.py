@@ -39,7 +39,7 @@ VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Log each stag
 
 def query_expansion_option(qe: Optional[int], qe_alpha: float):
     """None (the index's default), False (off) or a QueryExpansion."""
-    from raysearch.rerank import QueryExpansion
+    from raysearch.index.expansion import QueryExpansion
 
     if qe is None:
         return None
@@ -80,7 +80,7 @@ def copy_cmd(
 ) -> None:
     """Copy detection (DISC21 / ISC2021): micro-AP, recall at precision 0.9, recall@1 and @10."""
     from raysearch.metrics.groundtruth import write_predictions
-    from raysearch.evaluate.run import CopyEvalConfig, evaluate_copy_detection
+    from raysearch.evaluate.copy import CopyEvalConfig, evaluate_copy_detection
 
     setup_logging(verbose)
     config = CopyEvalConfig(
@@ -128,7 +128,7 @@ def landmarks_cmd(
     verbose: VerboseOpt = False,
 ) -> None:
     """Revisited Oxford / Paris: mAP and mP@1,5,10 for Easy, Medium and Hard."""
-    from raysearch.evaluate.run import LandmarkEvalConfig, evaluate_landmarks
+    from raysearch.evaluate.landmarks import LandmarkEvalConfig, evaluate_landmarks
 
     setup_logging(verbose)
     config = LandmarkEvalConfig(k=k, nprobe=nprobe, query_expansion=query_expansion_option(qe, qe_alpha),
@@ -170,7 +170,7 @@ def cmc_cmd(
     verbose: VerboseOpt = False,
 ) -> None:
     """Labelled retrieval (e.g. FID-300): CMC at ranks 1, 5, 10, 20 and at 1%, 5%, 10% of the collection."""
-    from raysearch.evaluate.run import CmcEvalConfig, evaluate_cmc
+    from raysearch.evaluate.cmc import CmcEvalConfig, evaluate_cmc
 
     setup_logging(verbose)
     config = CmcEvalConfig(k=k, nprobe=nprobe, query_expansion=query_expansion_option(qe, qe_alpha),
@@ -209,7 +209,7 @@ def ann_cmd(
     verbose: VerboseOpt = False,
 ) -> None:
     """ANN quality: recall@1/10/100 of the index against exact search on the same vectors, and latency, per nprobe."""
-    from raysearch.evaluate.run import AnnEvalConfig, evaluate_ann
+    from raysearch.evaluate.ann import AnnEvalConfig, evaluate_ann
 
     setup_logging(verbose)
     config = AnnEvalConfig(n_queries=queries, ks=_int_list(ks, "--ks") or (1, 10, 100),

@@ -40,7 +40,7 @@ def search(
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Search the index with query images, embedded by the index's own model."""
-    from raysearch.rerank import QueryExpansion
+    from raysearch.index.expansion import QueryExpansion
     from raysearch.search import Searcher, check_k
 
     setup_logging(verbose)

@@ -36,6 +36,12 @@ QUERY_EDITS = tuple(EDITS)   # every edit of the suite, combinations included
 
 @dataclass(frozen=True)
 class CopySetConfig:
+    """What `write_copy_detection_set` writes: how many references (fewer if the photographs
+    fill up), queries and background images; how many photographs are held out for negative
+    queries and for the background; max_overlap (a share of the smaller crop's area); min_side
+    (pixels); crop_fraction (the range of a crop's side as a fraction of the photograph's); the
+    seed; and the JPEG quality."""
+
     n_references: int = 200
     n_queries: int = 200
     n_background: int = 100
@@ -60,6 +66,10 @@ class CopySetConfig:
 
 @dataclass
 class CopySet:
+    """A written copy-detection set: its folder, the paths of its references, queries and
+    background folders and of ground_truth.csv, the reference ids, and each query's edit and
+    reference."""
+
     folder: str
     references: str
     queries: str

@@ -34,6 +34,9 @@ from PIL import Image
 
 @dataclass
 class Disc21Replica:
+    """A written DISC21 replica: its root, the reference ids, the dev and test ground truths and
+    the train image ids."""
+
     root: str
     reference_ids: list[str]
     dev_ground_truth: dict[str, str]    # query id -> reference id ('' = no match)
@@ -77,6 +80,9 @@ def write_disc21_replica(root: str, n_references: int = 40, n_dev_queries: int =
 
 @dataclass
 class Gldv2Replica:
+    """A written GLDv2 replica: its root, the ids of its index, test and train images, the ground
+    truth, and which scored test images are exact copies of an index image."""
+
     root: str
     index_ids: list[str]
     test_ids: list[str]
@@ -176,6 +182,8 @@ def write_gldv2_replica(root: str, n_index: int = 30, n_test: int = 12, n_train:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Command line: `disc21|gldv2 ROOT [--seed N]` writes that replica under ROOT and prints
+    what it holds."""
     import argparse
 
     ap = argparse.ArgumentParser(description="Write a miniature DISC21 or GLDv2 replica.")

@@ -14,8 +14,11 @@ import numpy as np
 from PIL import Image
 
 from raysearch import storage
-from raysearch.edits import apply_edit
+from raysearch.activate.pipeline import read_report, stored_embeddings
+from raysearch.edits import EDITS, apply_edit
 from raysearch.images import decode_image, resize_image
+from raysearch.index.exact import exact_knn
+from raysearch.index.transforms import split_pretransform
 from raysearch.search import Searcher
 
 DEFAULT_EDITS = (
@@ -26,6 +29,10 @@ DEFAULT_EDITS = (
 
 @dataclass(frozen=True)
 class ActivationEvalConfig:
+    """Settings of `evaluate_activation`: the edits to apply ("none": the image as it is), nprobe
+    (None: the index's tuned value), the seed of the edits, images embedded per batch, and
+    max_images (None: every image of the activation run)."""
+
     edits: tuple[str, ...] = DEFAULT_EDITS
     nprobe: int | None = None
     seed: int = 0
@@ -38,8 +45,6 @@ class ActivationEvalConfig:
     exact: bool = False
 
     def __post_init__(self) -> None:
-        from raysearch.edits import EDITS
-
         unknown = [e for e in self.edits if e != "none" and e not in EDITS]
         if unknown:
             raise ValueError(f"unknown edits {unknown}; choose from none, {', '.join(sorted(EDITS))}")
@@ -49,6 +54,11 @@ class ActivationEvalConfig:
 
 @dataclass
 class ActivationEvalReport:
+    """What `evaluate_activation` measured: recall@1 per edit of the passive and the activated
+    copies; mean_psnr / mean_ssim over the activation run's report rows (non-finite values
+    skipped); seconds of wall time; the nprobe searched with; per_image: "image_id" and one
+    hit-or-miss list per "passive_<edit>" and "activated_<edit>"."""
+
     n_images: int
     passive: dict[str, float]        # edit -> recall@1
     activated: dict[str, float]
@@ -68,17 +78,22 @@ class ActivationEvalReport:
 
     @property
     def mean_exact_passive(self) -> float | None:
+        """Mean of exact_passive over the edits other than "none"; None without config.exact."""
         return _mean_edited(self.exact_passive)
 
     @property
     def mean_exact_activated(self) -> float | None:
+        """Mean of exact_activated over the edits other than "none"; None without config.exact."""
         return _mean_edited(self.exact_activated)
 
     @property
     def ratio(self) -> float:
+        """mean_activated / mean_passive; inf when mean_passive is 0."""
         return self.mean_activated / self.mean_passive if self.mean_passive > 0 else float("inf")
 
     def to_dict(self) -> dict:
+        """The report as a JSON-ready dict, without per_image; the exact-search fields only with
+        config.exact."""
         return {
             "n_images": self.n_images, "nprobe": self.nprobe, "recall_at_1": {"passive": self.passive, "activated": self.activated},
             "mean_passive": self.mean_passive, "mean_activated": self.mean_activated, "ratio": self.ratio,
@@ -101,29 +116,23 @@ class ExactSearch:
     """Exact top-1 over an index's stored vectors, in the space its codes live in."""
 
     def __init__(self, searcher: Searcher):
-        import faiss
-
-        from raysearch.activate.pipeline import stored_embeddings
-
         vectors, self.image_ids = stored_embeddings(searcher.store)
         self.searcher = searcher
-        xb = searcher.to_index_space(vectors)
-        metric = faiss.METRIC_L2 if searcher.store.metric == "l2" else faiss.METRIC_INNER_PRODUCT
-        self.index = faiss.IndexFlat(xb.shape[1], metric)
-        self.index.add(xb)
-        self.shared = _shares_code(searcher.store.load_trained(), xb)
+        self.xb = searcher.to_index_space(vectors)
+        self.shared = _shares_code(searcher.store.load_trained(), self.xb)
 
     def top1(self, xq: np.ndarray) -> np.ndarray:
-        _, ids = self.index.search(self.searcher.to_index_space(xq), 1)
+        """Raw query vectors xq (n, dim) -> (n,) object array: the image_id of each one's nearest
+        stored vector."""
+        blocks = [(self.xb, np.arange(len(self.xb), dtype=np.int64))]
+        _, ids = exact_knn(self.searcher.to_index_space(xq), blocks, 1, self.searcher.store.metric)
         return self.image_ids[ids[:, 0]]
 
 
 def _shares_code(trained, xb: np.ndarray) -> np.ndarray | None:
     """(n,) bool: vector i's code (list and PQ code) equals another vector's; None for an index
     whose codes cannot be read back (no standalone encoder)."""
-    from raysearch.activate.optimize import split_pretransform
-
-    _, inner = split_pretransform(trained)
+    inner = split_pretransform(trained).quantiser
     try:
         codes = inner.sa_encode(np.ascontiguousarray(xb, dtype=np.float32))
     except RuntimeError:
@@ -157,7 +166,6 @@ def evaluate_activation(
     index_dir: str, activated_dir: str, config: ActivationEvalConfig = ActivationEvalConfig()
 ) -> ActivationEvalReport:
     """Recall@1 under edits of the passive vs activated images of an activation run."""
-    from raysearch.activate.pipeline import read_report
 
     start = time.perf_counter()
     report = read_report(activated_dir)

@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from raysearch import storage
+from raysearch.evaluate.queries import embed_images, embed_rows, list_source, result_keys
+from raysearch.index.expansion import QueryExpansion
 from raysearch.metrics.gldv2 import (
     MAX_PREDICTIONS,
     RetrievalMetrics,
@@ -16,6 +18,7 @@ from raysearch.metrics.gldv2 import (
     read_retrieval_solution,
     retrieval_metrics,
 )
+from raysearch.search import Searcher
 
 log = logging.getLogger("raysearch")
 
@@ -52,6 +55,10 @@ class Gldv2EvalConfig:
 
 @dataclass
 class Gldv2EvalReport:
+    """What `evaluate_gldv2` measured: metrics per subset, each test image's predictions, seconds
+    per step and the settings used. missing_queries also lists the test images that could not be
+    embedded (they score AP 0 too)."""
+
     metrics: dict[str, RetrievalMetrics]     # "Public", "Private", "All"
     predictions: dict[str, list[str]]        # test id -> ranked index ids (top k)
     n_ignored: int                           # test images the ground truth ignores
@@ -60,6 +67,8 @@ class Gldv2EvalReport:
     config: dict[str, Any] = field(default_factory=dict)
 
     def summary(self) -> dict:
+        """The report as a JSON-ready dict without the predictions: each subset's metrics under its
+        name, the counts, seconds rounded to ms and the settings used."""
         return {
             **{usage: m.summary() for usage, m in self.metrics.items()},
             "n_ignored": self.n_ignored, "n_missing_queries": len(self.missing_queries),
@@ -69,10 +78,8 @@ class Gldv2EvalReport:
 
 def _embed_selected(ids: list[str], uris: list[str], spec, config: Gldv2EvalConfig, work: str, embedder):
     """Embed the chosen query images: in-process when few, else with Ray via a list file."""
-    from raysearch.evaluate.run import _embed_rows_in_process, embed_images
-
     if len(ids) <= config.in_process_limit:
-        return _embed_rows_in_process(ids, uris, spec, embedder)
+        return embed_rows(ids, uris, spec, embedder)
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -92,10 +99,6 @@ def evaluate_gldv2(searcher, queries: str, solution: RetrievalSolution | str,
     Private subsets and both together ("All").
     """
     import tempfile
-
-    from raysearch.evaluate.run import list_source, result_keys
-    from raysearch.rerank import QueryExpansion
-    from raysearch.search import Searcher
 
     seconds: dict[str, float] = {}
     searcher = searcher if isinstance(searcher, Searcher) else Searcher(searcher)

@@ -31,17 +31,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from raysearch import storage
-from raysearch.embed import list_parts, load_embeddings_manifest, read_errors
+from raysearch.formats.embeddings import check_parts, read_errors
 from raysearch.index import factory as fac
+from raysearch.index.fanout import ShardGroup, merge_topk, search_shards
 from raysearch.index.merge import is_fastscan, merge_into, to_searchable
-from raysearch.index.shards import (
-    ShardBuilder,
-    merge_knn,
-    plan_shards,
-    read_vectors,
-    write_idmap,
-    write_index,
-)
+from raysearch.index.shards import ShardBuilder, plan_shards, write_idmap, write_index
 from raysearch.index.store import (
     ERRORS_FILE,
     TRAINED_INDEX,
@@ -52,9 +46,17 @@ from raysearch.index.store import (
     wants_mmap,
     write_manifest,
 )
-from raysearch.index.train import check_kmeans, check_train_on, faiss_gpus, train_index, train_serialized
+from raysearch.index.train import (
+    check_kmeans,
+    check_train_on,
+    faiss_gpus,
+    torch_cuda_available,
+    train_index,
+    train_serialized,
+)
+from raysearch.index.transforms import learn_whitening, wrap_index
 from raysearch.index.tune import TuneResult, drop_self, search_param, tune, tune_queries_count
-from raysearch.runtime import Timer, available_memory
+from raysearch.runtime import Timer, available_memory, cluster_cpus, cluster_gpus, ensure_ray
 
 log = logging.getLogger("raysearch")
 METRICS = {"l2": faiss.METRIC_L2, "ip": faiss.METRIC_INNER_PRODUCT}
@@ -79,7 +81,7 @@ class IndexConfig:
     kmeans: str = "auto"        # coarse k-means: auto, flat or two-level (raysearch.index.train)
     tune_queries: int | None = None   # default: min(1000, N/10)
     cpus_per_shard: int | None = None  # default: the cluster's CPUs shared among the shards
-    whitening: Any = None       # raysearch.models.whitening.WhiteningConfig: PCA-whitening in front of the index
+    whitening: Any = None       # raysearch.index.transforms.WhiteningConfig: PCA-whitening in front of the index
     keep_vectors: bool | None = None  # builders keep their share between check and add; None: when it fits in memory
 
     def __post_init__(self) -> None:
@@ -100,41 +102,6 @@ class IndexConfig:
             raise ValueError(f"--tune-queries must be >= 1, got {self.tune_queries}")
         if self.cpus_per_shard is not None and self.cpus_per_shard < 1:
             raise ValueError(f"--cpus-per-shard must be >= 1, got {self.cpus_per_shard}")
-
-
-def part_sizes(parts: list[str]) -> list[int]:
-    """Row counts from the Parquet footers (no data read)."""
-    sizes = []
-    for uri in parts:
-        fs, path = storage.get_fs(uri)
-        with fs.open(path, "rb") as f:
-            sizes.append(pq.ParquetFile(f).metadata.num_rows)
-    return sizes
-
-
-def part_dim(uri: str) -> int:
-    fs, path = storage.get_fs(uri)
-    with fs.open(path, "rb") as f:
-        field = pq.ParquetFile(f).schema_arrow.field("embedding")
-    return int(field.type.list_size)
-
-
-def sample_vectors(parts: list[str], sizes: list[int], n_sample: int, dim: int, seed: int) -> np.ndarray:
-    """A uniform random sample of `n_sample` vectors, read in this process (reads every part that
-    holds a sampled row; `build_index` samples inside its parallel check pass instead)."""
-    total = sum(sizes)
-    rng = np.random.default_rng(seed)
-    chosen = np.sort(rng.choice(total, size=min(n_sample, total), replace=False))
-    starts = np.concatenate([[0], np.cumsum(sizes)])
-    out = []
-    for p, uri in enumerate(parts):
-        lo, hi = starts[p], starts[p + 1]
-        mine = chosen[(chosen >= lo) & (chosen < hi)] - lo
-        if mine.size == 0:
-            continue
-        x, _ = read_vectors(uri, 0, sizes[p], dim)
-        out.append(x[mine])
-    return np.ascontiguousarray(np.concatenate(out)) if out else np.empty((0, dim), np.float32)
 
 
 def choose_positions(n: int, n_train: int, n_queries: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -182,28 +149,6 @@ def task_cpus(n_tasks: int, requested: int | None = None) -> int:
     if not node_cpus or max(node_cpus) < 1:
         return 1
     return int(max(1, min(sum(node_cpus) // max(1, n_tasks), max(node_cpus))))
-
-
-def check_parts(embeddings_dir: str) -> tuple[dict, list[str], list[int], int]:
-    """(embeddings manifest, parts, their sizes, dim) from the footers; refuses empty sets and
-    parts whose dimension or count disagree with the embeddings manifest."""
-    emb = load_embeddings_manifest(embeddings_dir)
-    parts = list_parts(embeddings_dir, "parts")
-    sizes = part_sizes(parts)
-    n = sum(sizes)
-    dim = int(emb["dim"])
-    if n == 0:
-        raise ValueError(f"{embeddings_dir} holds no embeddings (every image failed; see its error table)")
-    for uri in parts:
-        d = part_dim(uri)
-        if d != dim:
-            raise ValueError(f"{uri} holds {d}-d vectors but {embeddings_dir} declares {dim}-d embeddings")
-    if "n_embedded" in emb and int(emb["n_embedded"]) != n:
-        raise ValueError(
-            f"{embeddings_dir}: the parts hold {n} vectors, its manifest says {emb['n_embedded']} "
-            "(parts added or removed after the run)"
-        )
-    return emb, parts, sizes, dim
 
 
 def _slices_with_offsets(parts: list[str], plan: list[list[tuple[int, int, int]]], sizes: list[int]):
@@ -289,8 +234,6 @@ class _Builders:
             return cls([ShardBuilder(slices, dim, None, keep) for slices, _ in tasks], "process", None, keep, tasks, dim)
         import ray
 
-        from raysearch.runtime import cluster_cpus
-
         n_tasks = len(tasks)
         cpus = float(config.cpus_per_shard or max(0.01, cluster_cpus() / n_tasks))
         cpus = int(cpus) if cpus >= 1 else math.floor(cpus * 100) / 100
@@ -351,19 +294,15 @@ def build_index(
 
     `extra_manifest`: more entries for the manifest (e.g. how the embeddings were augmented).
     """
-    from raysearch.runtime import ensure_ray
-
     timer = Timer()
     emb, parts, sizes, dim = check_parts(embeddings_dir)
     n = sum(sizes)
 
     whitener, whitening_record, index_dim = None, None, dim
     if config.whitening is not None:
-        from raysearch.models.whitening import learn_whitening
-
         storage.makedirs(index_dir)
         with timer("whiten"):
-            whitener, whitening_record = learn_whitening(config.whitening, embeddings_dir, index_dir, config.seed)
+            whitener, whitening_record = learn_whitening(config.whitening, embeddings_dir, config.seed)
         index_dim = whitener.d_out
     estimated = None
     if config.factory == "auto":
@@ -374,8 +313,6 @@ def build_index(
     log.info("index: %s (%s)", factory, reason)
     index = make_index(factory, index_dim, config.metric)
     if whitener is not None:
-        from raysearch.models.whitening import wrap_index
-
         index = wrap_index(whitener, index)  # every shard then whitens its queries itself
     if config.merge and config.shards > 1 and "HNSW" in factory:
         raise ValueError("--merge is not possible for HNSW graphs; build with --shards 1 or keep the shards")
@@ -501,8 +438,6 @@ def _train(index: faiss.Index, xt: np.ndarray, config: IndexConfig) -> dict:
     import ray
 
     if wants_gpu and ray.is_initialized() and not _local_gpu():
-        from raysearch.runtime import cluster_gpus
-
         if cluster_gpus() >= 1:
             import ray
 
@@ -519,8 +454,6 @@ def _train(index: faiss.Index, xt: np.ndarray, config: IndexConfig) -> dict:
 def _local_gpu() -> bool:
     if faiss_gpus() > 0:
         return True
-    from raysearch.index.train import torch_cuda_available
-
     return torch_cuda_available()
 
 
@@ -544,12 +477,9 @@ def _search_settings(
         return {"nprobe": None, "param": None, "tuned": False, "exact": True}
     if not len(xq):
         return {"nprobe": default_nprobe(trained), "param": search_param(trained)[0], "tuned": False}
-    largest_first = config.metric != "l2"
-    D, I = merge_knn([r["D"] for r in results], [r["I"] for r in results], TUNE_K + 1, largest_first)
-    truth = drop_self(I, q_rows, TUNE_K)
+    merged = merge_topk([r["D"] for r in results], [r["I"] for r in results], TUNE_K + 1, keep_max=config.metric != "l2")
+    truth = drop_self(merged.I, q_rows, TUNE_K)
     param, values = search_param(trained)
-    from raysearch.search import ShardGroup, search_shards
-
     with tempfile.TemporaryDirectory(prefix="raysearch-tune-") as tmp:
         shards = ShardGroup(open_shard_files(index_dir, entries, tmp))  # searched as a Searcher would
         result: TuneResult = tune(

@@ -19,7 +19,6 @@ import io
 import os
 import time
 import uuid
-from dataclasses import dataclass
 
 import faiss
 import numpy as np
@@ -27,21 +26,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from raysearch import storage
+from raysearch.formats.embeddings import read_vectors
+from raysearch.index.exact import exact_knn
 from raysearch.index.merge import is_fastscan, to_mergeable, to_searchable
 from raysearch.index.store import IDMAP_SCHEMA
-
-
-@dataclass(frozen=True)
-class Slice:
-    """Rows [start, stop) of one Parquet part (positions within the part, not vector ids)."""
-
-    part: str
-    start: int
-    stop: int
-
-    @property
-    def n(self) -> int:
-        return self.stop - self.start
+from raysearch.index.transforms import ensure_ids, split_pretransform
+from raysearch.runtime import node_id
 
 
 def plan_shards(part_sizes: list[int], n_shards: int) -> list[list[tuple[int, int, int]]]:
@@ -72,61 +62,12 @@ def plan_shards(part_sizes: list[int], n_shards: int) -> list[list[tuple[int, in
     return plan
 
 
-def ensure_ids(index: faiss.Index) -> faiss.Index:
-    """Indexes that cannot store ids themselves (Flat, HNSW, PQ, ...) get an IDMap wrapper; IVF
-    indexes (with or without a pre-transform) keep ids in their inverted lists."""
-    try:
-        faiss.extract_index_ivf(index)
-        return index
-    except RuntimeError:
-        pass
-    if isinstance(index, (faiss.IndexIDMap, faiss.IndexIDMap2)):
-        return index
-    if isinstance(index, faiss.IndexPreTransform) and isinstance(
-        faiss.downcast_index(index.index), (faiss.IndexIDMap, faiss.IndexIDMap2)
-    ):
-        return index  # whitening in front of an IDMap: ids stay on the inner index
-    return faiss.IndexIDMap(index)
-
-
-def read_vectors(part: str, start: int, stop: int, dim: int) -> tuple[np.ndarray, pa.Table]:
-    """Vectors (n, dim) float32 and the (row, image_id, uri) columns of rows [start, stop) of a part.
-
-    Raises ValueError naming the part (and the row) for a wrong dimension or a NaN/inf vector.
-    """
-    fs, path = storage.get_fs(part)
-    try:
-        with fs.open(path, "rb") as f:
-            tbl = pq.read_table(f).slice(start, stop - start)
-    except OSError as e:
-        raise OSError(f"cannot read embeddings part {part}: {e}") from e
-    col = tbl.column("embedding").combine_chunks()
-    if col.type.list_size != dim:
-        raise ValueError(f"{part} holds {col.type.list_size}-d vectors, the index is {dim}-d")
-    x = col.values.to_numpy(zero_copy_only=False).reshape(-1, dim).astype(np.float32, copy=False)
-    if not np.isfinite(x).all():
-        bad = int(np.flatnonzero(~np.isfinite(x).all(axis=1))[0])
-        row = tbl.column("row")[bad].as_py()
-        raise ValueError(f"{part}: vector for row {row} holds NaN or inf")
-    return np.ascontiguousarray(x), tbl.select(["row", "image_id", "uri"])
-
-
-def _use_threads(threads: int | None) -> None:
-    # Ray starts workers with OMP_NUM_THREADS = the task's CPUs, but a reused worker keeps the
-    # thread count of its first task: set it for this one.
+def use_threads(threads: int | None) -> None:
+    """Run FAISS on `threads` threads in this process (None: leave it). Ray starts workers with
+    OMP_NUM_THREADS = the task's CPUs, but a reused worker keeps the thread count of its first task,
+    so every builder task sets its own."""
     if threads:
         faiss.omp_set_num_threads(int(threads))
-
-
-def _node_id() -> str | None:
-    try:
-        import ray
-
-        if ray.is_initialized():
-            return ray.get_runtime_context().get_node_id()
-    except Exception:  # noqa: BLE001 - outside a Ray worker there is no node to report
-        pass
-    return None
 
 
 def add_shard(
@@ -151,7 +92,7 @@ def add_shard(
     "node_id"} and, with queries, "D" (nq, k) float32 (squared L2 or inner product) and "I" (nq, k)
     int64 listing rows (-1 = none).
     """
-    _use_threads(threads)
+    use_threads(threads)
     chunks = (read_vectors(part, lo, hi, dim) for part, lo, hi in slices)
     return _build_shard(trained, chunks, dim, index_uri, ids_uri, mergeable, xq, k, metric, exact_in_index_space)
 
@@ -175,30 +116,31 @@ def _build_shard(
     index = ensure_ids(to_mergeable(index))
     if index.d != dim:
         raise ValueError(f"the trained index is {index.d}-d, the vectors are {dim}-d")
-    to_space = None
-    if exact_in_index_space:
-        # The index whitens (a metric-changing transform): queries and vectors are compared as it does.
-        from raysearch.models.whitening import split_pretransform
-
-        to_space = split_pretransform(index).apply
-    if xq is not None and to_space is not None:
-        xq = to_space(xq)
-    exact = _ExactTopK(xq, k, metric) if xq is not None and len(xq) and k else None
+    # The index whitens (a metric-changing transform): queries and vectors are compared as it does.
+    to_space = split_pretransform(index).apply if exact_in_index_space else None
     id_tables = []
-    for x, meta in chunks:
-        rows = meta.column("row").to_numpy().astype(np.int64)
-        index.add_with_ids(x, rows)
-        if exact is not None:
-            exact.add(to_space(x) if to_space is not None else x, rows)
-        id_tables.append(meta)
-        del x
+
+    def added():
+        """Add each chunk to the index as it comes; yield it for the exact neighbours."""
+        for x, meta in chunks:
+            rows = meta.column("row").to_numpy().astype(np.int64)
+            index.add_with_ids(x, rows)
+            id_tables.append(meta)
+            yield (to_space(x) if to_space is not None else x), rows
+
+    exact = None
+    if xq is not None and len(xq) and k:
+        exact = exact_knn(to_space(xq) if to_space is not None else xq, added(), k, metric)
+    else:
+        for _ in added():
+            pass
     if fastscan and not mergeable:
         index = to_searchable(index)
     write_index(index, index_uri)
     write_idmap(ids_uri, id_tables)
-    out = {"ntotal": int(index.ntotal), "seconds": time.perf_counter() - start, "node_id": _node_id()}
+    out = {"ntotal": int(index.ntotal), "seconds": time.perf_counter() - start, "node_id": node_id()}
     if exact is not None:
-        out.update(D=exact.D, I=exact.I)
+        out.update(D=exact[0], I=exact[1])
     return out
 
 
@@ -226,7 +168,7 @@ class ShardBuilder:
         Returns {"n": rows read, "x": (m, dim) float32, "rows": (m,) int64 listing rows} for the
         sorted global `positions` that fall within this shard.
         """
-        _use_threads(self.threads)
+        use_threads(self.threads)
         kept: list[tuple[np.ndarray, pa.Table]] = []
         xs, rows = [], []
         pos = span_start
@@ -253,7 +195,7 @@ class ShardBuilder:
     ) -> dict:
         """`add_shard` for this shard, from the kept vectors when there are any. Returns its dict
         plus "reread": whether the parts were read again."""
-        _use_threads(self.threads)
+        use_threads(self.threads)
         reread = self._kept is None
         if reread:
             chunks = (read_vectors(part, lo, hi, self.dim) for part, lo, hi in self.slices)
@@ -269,24 +211,6 @@ class ShardBuilder:
             yield kept.pop()
 
 
-class _ExactTopK:
-    """Running exact top-k of fixed queries over vectors seen chunk by chunk."""
-
-    def __init__(self, xq: np.ndarray, k: int, metric: str):
-        self.xq = np.ascontiguousarray(xq, dtype=np.float32)
-        self.k = k
-        self.largest_first = metric == "ip"
-        self.metric = faiss.METRIC_INNER_PRODUCT if self.largest_first else faiss.METRIC_L2
-        self.D = np.full((len(xq), k), -np.inf if self.largest_first else np.inf, dtype=np.float32)
-        self.I = np.full((len(xq), k), -1, dtype=np.int64)
-
-    def add(self, x: np.ndarray, rows: np.ndarray) -> None:
-        if not x.shape[0]:
-            return
-        Dp, Ip = faiss.knn(self.xq, x, min(self.k, x.shape[0]), metric=self.metric)
-        self.D, self.I = merge_knn([self.D, Dp], [self.I, rows[Ip]], self.k, self.largest_first)
-
-
 def pick_rows(
     slices: list[tuple[str, int, int]],
     dim: int,
@@ -298,22 +222,6 @@ def pick_rows(
     out = ShardBuilder(slices, dim, threads).check(positions, span_start)
     out.pop("kept")
     return out
-
-
-def merge_knn(
-    D_list: list[np.ndarray], I_list: list[np.ndarray], k: int, largest_first: bool
-) -> tuple[np.ndarray, np.ndarray]:
-    """Merge per-shard (D, I) top-k lists into the global top-k, by distance; id -1 sorts last.
-
-    Ties keep list order (stable sort), then rank order within a list.
-    """
-    D = np.concatenate(D_list, axis=1)
-    I = np.concatenate(I_list, axis=1)
-    worst = -np.inf if largest_first else np.inf
-    D = np.where(I < 0, worst, D)
-    key = -D if largest_first else D
-    order = np.argsort(key, axis=1, kind="stable")[:, :k]
-    return np.take_along_axis(D, order, axis=1), np.take_along_axis(I, order, axis=1)
 
 
 def write_index(index: faiss.Index, uri: str) -> None:

@@ -25,7 +25,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from raysearch import __version__, storage
+from raysearch import storage
+from raysearch.version import __version__
 from raysearch.errors import IndexFormatError
 from raysearch.models.spec import ModelSpec
 
@@ -240,6 +241,14 @@ class IndexStore:
         # Decided for the whole index, so that a process holding every shard stays within bounds.
         return IdMap(tbl, objects=sum(s.ntotal for s in self.shards) <= OBJECT_MAP_MAX_ROWS)
 
+    def embeddings_folders(self) -> list[str]:
+        """Every embeddings folder the index was built or grown from (the build's, then one per
+        `raysearch add`), as URIs: relative entries of the manifest are relative to the index."""
+        return [
+            folder if ("://" in folder or os.path.isabs(folder)) else storage.join(self.index_dir, folder)
+            for folder in self.manifest.get("embeddings", [])
+        ]
+
     def load_trained(self) -> faiss.Index:
         name = self.manifest.get("trained_index", TRAINED_INDEX)
         return read_index_file(self._checked_local(name), mmap=False)
@@ -302,6 +311,18 @@ class IdMap:
             return self._objects[0][pos], self._objects[1][pos]
         return (np.asarray(self.image_ids.take(pos).to_pylist(), dtype=object),
                 np.asarray(self.uris.take(pos).to_pylist(), dtype=object))
+
+    def lookup(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Vector ids (any shape) -> (image_ids, uris), object arrays shaped like `ids`; None for an
+        id this shard does not hold (or -1)."""
+        ids = np.asarray(ids, dtype=np.int64)
+        image_ids = np.full(ids.shape, None, dtype=object)
+        uris = np.full(ids.shape, None, dtype=object)
+        pos = self.positions(ids.ravel())
+        found = pos >= 0
+        if found.any():
+            image_ids.ravel()[found], uris.ravel()[found] = self.strings(pos[found])
+        return image_ids, uris
 
     def positions(self, ids: np.ndarray) -> np.ndarray:
         """Positions of `ids` in the map; -1 for ids it does not hold."""

@@ -182,7 +182,7 @@ def _spherical(ivf: faiss.IndexIVF) -> bool:
     return bool(ivf.cp.spherical) or ivf.metric_type == faiss.METRIC_INNER_PRODUCT
 
 
-def _split_pretransform(index: faiss.Index, xt: np.ndarray):
+def _train_pretransforms(index: faiss.Index, xt: np.ndarray):
     """Train the pre-transforms (OPQ, PCA: small matrices, FAISS on the CPU) of `index` if it has
     any, and return (pretransform or None, the index behind it, xt in the space that index sees)."""
     pre = fac.pretransform(index)
@@ -220,7 +220,7 @@ def _train_two_level(index: faiss.Index, xt: np.ndarray, seed: int) -> str:
     """Coarse quantiser from `two_level_centroids`; FAISS trains the rest (codes, pre-transforms).
     Returns the k-means that ran: "flat" when the two levels could not split the sample (a first-
     level cluster too small for its share of centroids: heavily duplicated vectors)."""
-    pre, inner, xs = _split_pretransform(index, xt)
+    pre, inner, xs = _train_pretransforms(index, xt)
     ivf = faiss.downcast_index(fac.find_ivf(inner))
     spherical = _spherical(ivf)
     try:
@@ -353,7 +353,7 @@ def _split_largest(centroids, counts, gen) -> None:
 
 def _train_torch(index: faiss.Index, xt: np.ndarray, seed: int, device: str) -> None:
     """Train with k-means in torch; the results are installed into the FAISS index."""
-    pre, inner, xt = _split_pretransform(index, xt)
+    pre, inner, xt = _train_pretransforms(index, xt)
     ivf = fac.find_ivf(inner)
     if ivf is None:
         log.info("torch training covers IVF indexes; training %s with FAISS on the CPU", type(inner).__name__)

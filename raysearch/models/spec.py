@@ -55,3 +55,12 @@ class ModelSpec:
             if key in d and d[key] is not None:
                 d[key] = tuple(d[key])
         return cls(**d)
+
+
+def vectors_model_spec(dim: int, name: str = "external-vectors") -> ModelSpec:
+    """A ModelSpec for vectors that no registered model made (they can be searched by vector, not
+    by image)."""
+    return ModelSpec(
+        name=name, dim=dim, input_size=224, resize="squash", mean=IMAGENET_MEAN, std=IMAGENET_STD,
+        pooling=None, gem_p=3.0, weights=None, weights_sha256=None,
+    )

@@ -63,14 +63,25 @@ class SearchBackend(Protocol):
 
     dim: int
 
-    async def search_images(self, images: list[bytes], k: int, nprobe: int | None) -> SearchAnswer: ...
-    async def search_vectors(self, xq: np.ndarray, k: int, nprobe: int | None) -> SearchAnswer: ...
-    async def health(self) -> tuple[bool, dict[str, Any]]: ...
-    def stats(self) -> dict[str, Any]: ...
+    async def search_images(self, images: list[bytes], k: int, nprobe: int | None) -> SearchAnswer:
+        """Image files (their bytes) -> the top `k` of each; nprobe None uses the index's own."""
+        ...
+    async def search_vectors(self, xq: np.ndarray, k: int, nprobe: int | None) -> SearchAnswer:
+        """Query vectors xq (n, dim) float32 -> the top `k` of each; nprobe None uses the index's own."""
+        ...
+    async def health(self) -> tuple[bool, dict[str, Any]]:
+        """(ready, details for GET /healthz): ready when every shard and the embedder answer."""
+        ...
+    def stats(self) -> dict[str, Any]:
+        """What GET /stats reports about the served index."""
+        ...
 
 
 @dataclass(frozen=True)
 class ApiSettings:
+    """Limits of the HTTP layer: body size in bytes, queries per request, and the API key's SHA-256
+    hex digest (`hash_api_key`; None: no key is required)."""
+
     max_body_bytes: int
     max_queries: int
     api_key_sha256: str | None = None
@@ -102,6 +113,8 @@ class SearchJSON(BaseModel):
 
 
 class Hit(BaseModel):
+    """One result of a query; `rank` counts from 1, best first."""
+
     rank: int
     id: str = Field(description="image_id: the image's path relative to the indexed source, no extension.")
     uri: str
@@ -109,6 +122,8 @@ class Hit(BaseModel):
 
 
 class SearchResponse(BaseModel):
+    """The JSON answer of POST /search; `took_ms` is the time spent answering, in milliseconds."""
+
     results: list[Hit] | list[list[Hit]] = Field(
         description="The hits of the query; a list of lists when the queries were sent as a list "
         "(JSON arrays, or the multipart field `images`)."
@@ -119,6 +134,8 @@ class SearchResponse(BaseModel):
 
 
 class ErrorResponse(BaseModel):
+    """The JSON body of every error answer: `{"error": "..."}`."""
+
     error: str
 
 
@@ -151,6 +168,9 @@ _ERRORS = {s: {"model": ErrorResponse} for s in (400, 401, 413, 415, 422, 503)}
 
 @dataclass
 class ParsedSearch:
+    """A validated search request: either image files (bytes) or vectors (n, dim) float32, the other
+    None; k, and nprobe (None: the index's own)."""
+
     images: list[bytes] | None
     vectors: np.ndarray | None
     k: int
@@ -393,6 +413,7 @@ async def answer_search(request: Request, backend: SearchBackend, settings: ApiS
 
 
 def error_response(e: ApiError) -> JSONResponse:
+    """An ApiError -> its JSON answer `{"error": message, **extra}` with the error's status."""
     return JSONResponse({"error": e.message, **e.extra}, status_code=e.status)
 
 
@@ -429,7 +450,7 @@ class SearchRoute:
 
 def create_api(backend: SearchBackend, settings: ApiSettings) -> FastAPI:
     """The FastAPI app serving `backend`; built per Ingress replica."""
-    from raysearch import __version__
+    from raysearch.version import __version__
 
     api = FastAPI(
         title="raysearch",

@@ -28,6 +28,7 @@ GRACEFUL_SHUTDOWN_S = 5.0
 
 
 def shard_deployment_name(i: int) -> str:
+    """Shard number `i` -> the name of its ShardSearcher deployment, e.g. 'ShardSearcher-00003'."""
     return f"ShardSearcher-{i:05d}"
 
 

@@ -46,6 +46,9 @@ def base_url(url: str) -> str:
 
 
 class SearchClient:
+    """Client of one raysearch service at `url` (its root or its /search endpoint); `api_key` is
+    sent as a Bearer token, `timeout` is in seconds per request."""
+
     def __init__(self, url: str, api_key: str | None = None, timeout: float = 60.0,
                  transport: httpx.BaseTransport | None = None):
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
@@ -53,6 +56,7 @@ class SearchClient:
         self._http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout, transport=transport)
 
     def close(self) -> None:
+        """Close the client's HTTP connections."""
         self._http.close()
 
     def __enter__(self) -> "SearchClient":
@@ -76,10 +80,12 @@ class SearchClient:
         return self._answer(self._http.post("/search", json=body), several=True)
 
     def health(self) -> tuple[bool, dict[str, Any]]:
+        """GET /healthz -> (ready: status 200, its JSON body or {}); not ready is returned, not raised."""
         r = self._http.get("/healthz")
         return r.status_code == 200, _json(r)
 
     def stats(self) -> dict[str, Any]:
+        """GET /stats -> its JSON body. Raises ServiceError on an error answer."""
         r = self._http.get("/stats")
         _raise_for_error(r)
         return r.json()

@@ -15,7 +15,7 @@ import faiss
 import numpy as np
 
 from raysearch.index.store import IdMap
-from raysearch.search import ShardGroup, distances_to_scores, lookup_ids, merge_topk
+from raysearch.index.fanout import ShardGroup, distances_to_scores, merge_topk
 
 
 @dataclass
@@ -115,7 +115,7 @@ def search_shard_group(
                 s, ids_i = scores[start : start + n, :k], ids[start : start + n, :k]
                 start += n
                 s = np.where(ids_i < 0, np.float32(np.nan), s).astype(np.float32)
-                image_ids, uris = lookup_ids(id_map, ids_i)
+                image_ids, uris = id_map.lookup(ids_i)
                 out[shard][i] = ShardHits(s, ids_i.astype(np.int64), image_ids, uris)
     return out  # type: ignore[return-value]
 
@@ -130,29 +130,19 @@ def merge_shard_hits(hits: list[ShardHits | None], k: int) -> MergedHits:
     present = [h for h in hits if h is not None]
     if not present:
         raise NoShardAnswered("no shard answered")
-    nq = present[0].ids.shape[0]
-    # Merge on candidate positions instead of vector ids, so that every merged result points back
-    # at its shard's row (score, id, image_id, uri) in the concatenated candidate lists.
-    positions, offset = [], 0
-    for h in present:
-        width = h.ids.shape[1]
-        pos = np.broadcast_to(np.arange(offset, offset + width, dtype=np.int64), h.ids.shape)
-        positions.append(np.where(h.ids < 0, -1, pos))
-        offset += width
-    merged = merge_topk([h.scores for h in present], positions, k)
-    cand_ids = np.concatenate([h.ids for h in present], axis=1)
-    cand_image_ids = np.concatenate([h.image_ids for h in present], axis=1)
-    cand_uris = np.concatenate([h.uris for h in present], axis=1)
-    valid = merged.ids >= 0
-    take = np.where(valid, merged.ids, 0)
-    rows = np.arange(nq)[:, None]
-    ids = np.where(valid, cand_ids[rows, take], -1) if offset else np.full((nq, k), -1, np.int64)
+    merged = merge_topk([h.scores for h in present], [h.ids for h in present], k, keep_max=True)
+    nq = merged.I.shape[0]
+    found = merged.I >= 0
     image_ids = np.full((nq, k), None, dtype=object)
     uris = np.full((nq, k), None, dtype=object)
-    if offset:
-        image_ids[valid] = cand_image_ids[rows, take][valid]
-        uris[valid] = cand_uris[rows, take][valid]
-    return MergedHits(merged.scores, ids.astype(np.int64), image_ids, uris)
+    # Each merged result points back at its shard's row: take its image_id and uri from there.
+    for s, h in enumerate(present):
+        mask = found & (merged.source == s)
+        if mask.any():
+            rows, cols = np.nonzero(mask)
+            image_ids[rows, cols] = h.image_ids[rows, merged.rank[rows, cols]]
+            uris[rows, cols] = h.uris[rows, merged.rank[rows, cols]]
+    return MergedHits(merged.D, merged.I, image_ids, uris)
 
 
 def hits_to_json(merged: MergedHits) -> list[list[dict[str, Any]]]:

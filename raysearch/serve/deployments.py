@@ -67,10 +67,13 @@ class QueryEmbedder:
         self.batches = _BatchLog()
 
     async def embed(self, pixels: np.ndarray) -> np.ndarray:
+        """One preprocessed image (S, S, 3) uint8 -> its (dim,) float32 vector, via `embed_batch`."""
         return await self.embed_batch(pixels)
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
     async def embed_batch(self, pixels: list[np.ndarray]) -> list[np.ndarray]:
+        """@serve.batch: the images of concurrent `embed` calls -> one (dim,) vector each, in one
+        forward pass."""
         self.batches.add(len(pixels))
         # The forward pass runs in a thread (torch releases the GIL), so the replica keeps
         # accepting requests and the next batch fills while this one computes.
@@ -78,9 +81,11 @@ class QueryEmbedder:
         return list(vectors)
 
     def ping(self) -> bool:
+        """True: answers health checks (the Ingress's GET /healthz); not batched."""
         return True
 
     def batch_stats(self) -> dict[str, Any]:
+        """Number, largest and mean size (images) of this replica's last embedding batches."""
         return self.batches.summary()
 
 
@@ -105,10 +110,13 @@ class ShardSearcher:
         self.batches = _BatchLog()
 
     async def search(self, query: ShardQuery) -> ShardHits:
+        """One request's queries -> this shard's top-k of each, via `search_batch`."""
         return await self.search_batch(query)
 
     @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.0)
     async def search_batch(self, queries: list[ShardQuery]) -> list[ShardHits]:
+        """@serve.batch: the requests of concurrent `search` calls -> one ShardHits each, with one
+        FAISS search per distinct nprobe."""
         self.batches.add(sum(q.xq.shape[0] for q in queries))
         # FAISS releases the GIL: searching in a thread keeps the event loop free to queue the
         # requests that form the next batch.
@@ -117,9 +125,11 @@ class ShardSearcher:
         )
 
     def ping(self) -> bool:
+        """True: answers health checks (the Ingress's GET /healthz); not batched."""
         return True
 
     def batch_stats(self) -> dict[str, Any]:
+        """Number, largest and mean size (query vectors) of this replica's last search batches."""
         return self.batches.summary()
 
 
@@ -164,6 +174,12 @@ class Ingress:
     # -- the SearchBackend protocol -------------------------------------------------------
 
     async def search_images(self, images: list[bytes], k: int, nprobe: int | None) -> SearchAnswer:
+        """Image files (their bytes) -> the top `k` of each: decoded here, embedded by the
+        QueryEmbedder, then searched as `search_vectors`. Not batched here (the embedder is).
+
+        Raises ApiError: 400 for an image that does not decode, 503 when the embedder fails or
+        does not answer within embed_timeout_s, 422 for a non-finite embedding.
+        """
         pixels = await asyncio.gather(*(asyncio.to_thread(self._preprocess, i, data, len(images) > 1)
                                         for i, data in enumerate(images)))
         calls = [self.embedder.embed.remote(p) for p in pixels]
@@ -182,6 +198,12 @@ class Ingress:
         return await self.search_vectors(xq, k, nprobe)
 
     async def search_vectors(self, xq: np.ndarray, k: int, nprobe: int | None) -> SearchAnswer:
+        """Query vectors xq (n, dim) float32 -> the exact top `k` of each over the shards that
+        answered within shard_timeout_s (partial when some did not). Not batched here (the shard
+        searches are).
+
+        Raises ApiError 503 when no shard answered.
+        """
         hits = await self._ask_shards(ShardQuery(xq, k, nprobe))
         missing = [name for name, h in zip(self.shard_names, hits) if h is None]
         try:
@@ -194,6 +216,8 @@ class Ingress:
         return SearchAnswer(hits_to_json(merged), partial=bool(missing), missing_shards=missing)
 
     async def health(self) -> tuple[bool, dict[str, Any]]:
+        """Ping the embedder and every ShardSearcher (up to min(shard_timeout_s, 5) s each) ->
+        (ready, {"shards", "missing_shards", "embedder"}); not batched."""
         timeout = min(self.shard_timeout_s, 5.0)
         embedder_ok, *shards_ok = await asyncio.gather(
             self._ping(self.embedder, timeout), *(self._ping(h, timeout) for h in self.shards)
@@ -204,6 +228,8 @@ class Ingress:
         return embedder_ok and not missing, info
 
     def stats(self) -> dict[str, Any]:
+        """What GET /stats answers: `index_info` with the model's name instead of its spec, and
+        without the list of shard names; not batched."""
         hidden = ("model", "shard_names")
         return {k: v for k, v in self.info.items() if k not in hidden} | {"model": self.model_spec["name"]}
 
@@ -232,6 +258,8 @@ class Ingress:
                                   self.local.metric, self.local.default_nprobe)
 
     def batch_stats(self) -> dict[str, Any]:
+        """Number, largest and mean size (query vectors) of the last `search_local_batch` batches
+        (--shards-in-ingress; none otherwise)."""
         return self.batches.summary()
 
     async def _ask_shards(self, query: ShardQuery) -> list[ShardHits | None]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 
 from raysearch import storage
-from raysearch.sources.base import LISTING_SCHEMA, ImageSource, image_id_for
+from raysearch.sources.base import LAYOUT_PREFIXES, LISTING_SCHEMA, ImageSource, image_id_for
 from raysearch.sources.folder import GLOB_CHARS, FolderSource, GlobSource, split_glob
 from raysearch.sources.listfile import LIST_EXTENSIONS, ListFileSource
 
@@ -32,11 +32,14 @@ def open_source(spec: str) -> ImageSource:
     if not spec or not spec.strip():
         raise ValueError("SOURCE is empty")
     spec = spec.strip()
-    for prefix in ("disc21:", "gldv2:"):
-        if spec.startswith(prefix):
-            from raysearch.sources import layouts
+    if spec.startswith("disc21:"):
+        from raysearch.sources.disc21 import open_disc21
 
-            return layouts.open_layout(spec)
+        return open_disc21(spec)
+    if spec.startswith("gldv2:"):
+        from raysearch.sources.gldv2 import open_gldv2
+
+        return open_gldv2(spec)
     if spec.startswith("file://"):
         spec = spec[len("file://"):]
     path_part = spec.split("://", 1)[-1]
@@ -60,6 +63,7 @@ def open_source(spec: str) -> ImageSource:
 
 
 __all__ = [
+    "LAYOUT_PREFIXES",
     "LISTING_SCHEMA",
     "FolderSource",
     "GlobSource",

@@ -49,7 +49,7 @@ import pyarrow as pa
 from raysearch import storage
 from raysearch.images import IMAGE_EXTENSIONS
 from raysearch.sources.base import table
-from raysearch.sources.layouts import split_layout_spec
+from raysearch.sources.base import split_layout_spec
 from raysearch.sources.scan import scan_folder
 
 log = logging.getLogger("raysearch")

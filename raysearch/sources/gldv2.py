@@ -36,7 +36,7 @@ import pyarrow.csv as pacsv
 from raysearch import storage
 from raysearch.images import is_image_path
 from raysearch.sources.base import strip_extension, table
-from raysearch.sources.layouts import split_layout_spec
+from raysearch.sources.base import split_layout_spec
 
 SPLITS = ("index", "test", "train", "test_retrieval")
 DEFAULT_SPLIT = "index"

@@ -14,7 +14,8 @@ from raysearch.activate.optimize import ActivateConfig
 from raysearch.activate.pipeline import ActivatePipelineConfig, activate_source, read_report
 from raysearch.build import build
 from raysearch.cli import app
-from raysearch.embed import EmbedConfig, list_parts, read_errors
+from raysearch.embed import EmbedConfig
+from raysearch.formats.embeddings import list_parts, read_errors
 from raysearch.index.build import IndexConfig
 
 pytestmark = pytest.mark.slow
@@ -115,7 +116,7 @@ def test_eval_activation_exact_search_shows_what_the_codes_lose(pq_index, to_act
     import json
     from collections import Counter
 
-    from raysearch.activate.optimize import split_pretransform
+    from raysearch.index.transforms import split_pretransform
     from raysearch.activate.pipeline import stored_embeddings
     from raysearch.index.store import IndexStore
 
@@ -134,7 +135,7 @@ def test_eval_activation_exact_search_shows_what_the_codes_lose(pq_index, to_act
     vectors, image_ids = stored_embeddings(store)
     assert len(image_ids) == store.manifest["n_vectors"]
     trained = store.load_trained()
-    _, inner = split_pretransform(trained)  # a view into `trained`, which must stay alive
+    inner = split_pretransform(trained).quantiser  # a view into `trained`, which must stay alive
     codes = [c.tobytes() for c in inner.sa_encode(vectors)]
     counts = Counter(codes)
     evaluated = {r["image_id"] for r in read_report(out).to_pylist()}
@@ -174,7 +175,7 @@ def test_rank_loss_finds_competitors_in_the_index_and_falls_back_without_them(pq
         seen.append((len(images), args[3].loss, kwargs.get("competitors") is not None))
         return real(images, targets, *args, **kwargs)
 
-    monkeypatch.setattr(optimize, "activate_batch", spy)
+    monkeypatch.setattr(pipeline, "activate_batch", spy)
     monkeypatch.setattr(pipeline, "find_competitors", lambda s, v, i, m, n: (competitors, np.array([0, 3])))
     small = [np.ascontiguousarray(np.asarray(Image.open(os.path.join(photo_folder, i + ".jpg")).convert("RGB"))[:96, :96]) for i in ids]
     results, targets = act.activate(small, vectors, ids)

@@ -16,15 +16,9 @@ import pytest
 from PIL import Image
 
 from raysearch.models.embedder import Embedder
-from raysearch.embed import (
-    EmbedConfig,
-    EmbeddingError,
-    embed_source,
-    embeddings_matrix,
-    list_parts,
-    read_errors,
-    read_part,
-)
+from raysearch.embed import EmbedConfig, embed_source
+from raysearch.errors import EmbeddingError
+from raysearch.formats.embeddings import embeddings_matrix, list_parts, read_errors, read_part
 from raysearch.images import decode_image, resize_image
 from raysearch.models import ModelConfig, resolve_model
 

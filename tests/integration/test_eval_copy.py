@@ -23,7 +23,8 @@ from raysearch.embed import EmbedConfig
 from raysearch.datasets.copyset import CopySetConfig, write_copy_detection_set
 from raysearch.metrics.groundtruth import read_predictions
 from raysearch.metrics.retrieval import copy_detection_metrics
-from raysearch.evaluate.run import CopyEvalConfig, embed_images, evaluate_copy_detection
+from raysearch.evaluate.copy import CopyEvalConfig, evaluate_copy_detection
+from raysearch.evaluate.queries import embed_images
 from raysearch.index.build import IndexConfig
 from raysearch.search import Searcher
 
@@ -132,7 +133,7 @@ def test_score_normalisation_subtracts_the_background_term(copyset, searcher):
 
 
 def test_background_given_as_an_embeddings_folder_is_streamed(copyset, searcher, index_dir):
-    from raysearch.evaluate.run import read_embeddings_folder
+    from raysearch.evaluate.queries import read_embeddings_folder
 
     queries = embed_images(copyset.queries, searcher.store.model_spec, embedder=searcher.embedder())
     in_memory = read_embeddings_folder(os.path.join(index_dir, "embeddings"))
@@ -144,7 +145,7 @@ def test_background_given_as_an_embeddings_folder_is_streamed(copyset, searcher,
 
 
 def test_query_expansion_searches_with_the_expanded_query(copyset, searcher, index_dir):
-    from raysearch.rerank import QueryExpansion, alpha_query_expansion
+    from raysearch.index.expansion import QueryExpansion, alpha_query_expansion
 
     spec = searcher.store.model_spec
     queries = embed_images(copyset.queries, spec, embedder=searcher.embedder())

@@ -14,9 +14,9 @@ from typer.testing import CliRunner
 
 from raysearch.cli import app
 from raysearch.datasets.copyset import CopySetConfig, write_copy_detection_set
-from raysearch.evaluate.run import read_embeddings_folder
-from raysearch.models.whitening import read_whitening
-from raysearch.rerank import QueryExpansion, database_side_augmentation
+from raysearch.evaluate.queries import read_embeddings_folder
+from raysearch.index.transforms import read_whitening
+from raysearch.index.expansion import QueryExpansion, database_side_augmentation
 from raysearch.search import Searcher
 
 pytestmark = pytest.mark.slow

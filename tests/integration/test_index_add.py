@@ -14,7 +14,7 @@ from raysearch.build import build
 from raysearch.cli import app
 from raysearch.embed import EmbedConfig
 from raysearch.index.build import IndexConfig
-from raysearch.index.grow import AddConfig, add_images
+from raysearch.add import AddConfig, add_images
 from raysearch.index.store import IndexFormatError, IndexStore
 from raysearch.search import Searcher
 

@@ -12,9 +12,10 @@ import pytest
 from typer.testing import CliRunner
 
 from raysearch.cli import app
-from raysearch.embed import list_parts
+from raysearch.formats.embeddings import list_parts
 from raysearch.index.build import IndexConfig, build_index
-from raysearch.index.synthetic import ClusteredVectors, write_embeddings
+from raysearch.formats.embeddings import write_embeddings
+from raysearch.index.synthetic import ClusteredVectors
 from raysearch.index.tune import recall_at_k
 from raysearch.search import Searcher
 

@@ -12,7 +12,8 @@ from typer.testing import CliRunner
 from raysearch.cli import app
 from raysearch.index.build import IndexConfig, build_index
 from raysearch.index.store import IndexFormatError, IndexStore
-from raysearch.index.synthetic import ClusteredVectors, write_embeddings
+from raysearch.formats.embeddings import write_embeddings
+from raysearch.index.synthetic import ClusteredVectors
 from raysearch.search import Searcher
 
 pytestmark = pytest.mark.slow

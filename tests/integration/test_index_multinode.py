@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from raysearch.index.build import IndexConfig, build_index
-from raysearch.index.synthetic import write_embeddings
+from raysearch.formats.embeddings import write_embeddings
 from raysearch.search import Searcher
 
 pytestmark = pytest.mark.slow

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from raysearch.build import build
-from raysearch.embed import EmbedConfig, list_parts, read_rows_column
+from raysearch.embed import EmbedConfig
+from raysearch.formats.embeddings import list_parts, read_rows_column
 from raysearch.index.build import IndexConfig
 from raysearch.models.spec import ModelConfig
 from raysearch.search import Searcher

@@ -14,7 +14,7 @@ import httpx
 import numpy as np
 import pytest
 
-from raysearch.embed import write_embeddings
+from raysearch.formats.embeddings import write_embeddings
 from raysearch.index.build import IndexConfig, build_index
 from raysearch.models.registry import ModelConfig, resolve_model
 from raysearch.search import Searcher

@@ -17,8 +17,8 @@ from raysearch.activate.optimize import (
     pixel_groups,
     psnr,
     quantised_targets,
-    split_pretransform,
 )
+from raysearch.index.transforms import split_pretransform
 
 
 def test_jnd_is_positive_and_larger_on_texture_than_on_flat_regions():
@@ -85,7 +85,8 @@ def test_torch_transform_matches_the_index_pretransform():
     xt = rng.normal(size=(2000, 16)).astype(np.float32)
     index = faiss.index_factory(16, "PCAW8,L2norm,IVF4,PQ4x4", faiss.METRIC_L2)
     index.train(xt)
-    chain, inner = split_pretransform(index)
+    parts = split_pretransform(index)
+    chain, inner = parts.transforms, parts.quantiser
     expected = xt[:7]
     for vt in chain:
         expected = vt.apply(expected)

@@ -9,13 +9,14 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from raysearch.embed import list_parts
-from raysearch.index.build import part_sizes
+from raysearch.formats.embeddings import list_parts
+from raysearch.formats.embeddings import part_sizes
 from raysearch.index.merge import merge_into, to_searchable
-from raysearch.index.shards import ShardBuilder, add_shard, merge_knn, pick_rows, plan_shards
-from raysearch.index.synthetic import write_embeddings
+from raysearch.index.fanout import merge_topk
+from raysearch.index.shards import ShardBuilder, add_shard, pick_rows, plan_shards
+from raysearch.formats.embeddings import write_embeddings
 from raysearch.index.train import train_index
-from raysearch.search import ShardGroup, search_shards
+from raysearch.index.fanout import ShardGroup, search_shards
 
 D = 24
 N = 3000
@@ -190,7 +191,8 @@ def test_builders_find_exact_neighbours_while_adding(vectors, tmp_path):
         slices = [(parts[p], lo, hi) for p, lo, hi in shard_plan]
         path = str(tmp_path / f"t{i}.index")
         results.append(add_shard(faiss.serialize_index(trained).tobytes(), slices, D, path, path + ".ids", xq=xq, k=10))
-    Dm, Im = merge_knn([r["D"] for r in results], [r["I"] for r in results], 10, largest_first=False)
+    merged = merge_topk([r["D"] for r in results], [r["I"] for r in results], 10, keep_max=False)
+    Dm, Im = merged.D, merged.I
     D0, I0 = faiss.knn(xq, xb, 10)
     np.testing.assert_array_equal(Im, I0)
     np.testing.assert_allclose(Dm, D0, rtol=1e-5)
@@ -262,7 +264,6 @@ def test_id_map_read_from_several_row_groups_looks_up_like_one_table(tmp_path):
     import pyarrow.parquet as pq
 
     from raysearch.index.store import IdMap
-    from raysearch.search import lookup_ids
 
     rng = np.random.default_rng(4)
     ids = rng.permutation(np.arange(5000, 9000, dtype=np.int64))
@@ -273,8 +274,8 @@ def test_id_map_read_from_several_row_groups_looks_up_like_one_table(tmp_path):
     # The Arrow lookup on the chunked map against the object-array lookup on the whole one.
     chunked, whole = IdMap(read, objects=False), IdMap(tbl.combine_chunks(), objects=True)
     query = np.array([[5000, 8999, 12, -1], [7001, 4999, 6500, 9000]], dtype=np.int64)
-    got_ids, got_uris = lookup_ids(chunked, query)
-    want_ids, want_uris = lookup_ids(whole, query)
+    got_ids, got_uris = chunked.lookup(query)
+    want_ids, want_uris = whole.lookup(query)
     assert got_ids.tolist() == want_ids.tolist() and got_uris.tolist() == want_uris.tolist()
     assert got_ids.tolist() == [["img/5000", "img/8999", None, None], ["img/7001", None, "img/6500", None]]
     assert got_uris[0, 0] == "s3://b/img/5000.jpg"

@@ -11,7 +11,7 @@ from raysearch.sources import open_source
 from raysearch.sources import scan
 from raysearch.sources.disc21 import find_ground_truth, scan_numbered
 from raysearch.sources.gldv2 import image_path
-from raysearch.sources.layouts import split_layout_spec
+from raysearch.sources.base import split_layout_spec
 
 
 def _touch(path: str, data: bytes = b"x") -> None:

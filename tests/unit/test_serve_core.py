@@ -8,7 +8,7 @@ import pyarrow as pa
 import pytest
 
 from raysearch.index.store import IdMap
-from raysearch.search import search_index
+from raysearch.index.fanout import distances_to_scores, set_search_params
 from raysearch.serve.config import ServeConfig
 from raysearch.serve.core import (
     NoShardAnswered,
@@ -47,6 +47,13 @@ def _flat_shard(xb: np.ndarray, ids: np.ndarray) -> faiss.Index:
     index = faiss.IndexIDMap(faiss.IndexFlatL2(D))
     index.add_with_ids(xb, ids)
     return index
+
+
+def search_index(index, xq, k, nprobe, metric):
+    """One shard searched directly with FAISS: (scores, ids)."""
+    set_search_params(index, nprobe)
+    D, I = index.search(np.ascontiguousarray(xq, dtype=np.float32), k)
+    return distances_to_scores(D, metric), I
 
 
 def test_batched_shard_search_equals_one_search_per_request(data):

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from raysearch.models.whitening import (
+from raysearch.index.transforms import (
     WhiteningConfig,
     learn_pca_whitening,
     read_whitening,

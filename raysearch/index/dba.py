@@ -1,7 +1,7 @@
 """Database-side augmentation (DBA) of an embeddings folder, done once at build time.
 
 Every database vector is replaced by the similarity-weighted mean of itself and its k nearest
-neighbours in the collection (see `raysearch.rerank`); the index is then built over the augmented
+neighbours in the collection (see `raysearch.index.expansion`); the index is then built over the augmented
 vectors, and queries are searched unchanged. The original embeddings stay where they are; the
 augmented ones go to a second folder with the same layout (parts, errors, embeddings.json), which
 the index manifest names as its embeddings.
@@ -24,7 +24,7 @@ import numpy as np
 import pyarrow as pa
 
 from raysearch import storage
-from raysearch.embed import (
+from raysearch.formats.embeddings import (
     EMBEDDINGS_MANIFEST,
     embedding_schema,
     embeddings_matrix,
@@ -32,7 +32,7 @@ from raysearch.embed import (
     load_embeddings_manifest,
     read_part,
 )
-from raysearch.rerank import DatabaseAugmentation, database_side_augmentation
+from raysearch.index.expansion import DatabaseAugmentation, database_side_augmentation
 
 log = logging.getLogger("raysearch")
 

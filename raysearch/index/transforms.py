@@ -1,4 +1,5 @@
-"""PCA-whitening of descriptors, learned once and stored inside the FAISS index.
+"""Vector transforms of an index: PCA-whitening learned once and stored inside the FAISS index,
+splitting any index into its transforms and the index they feed, and id wrappers.
 
 Whitening centres the vectors, rotates them onto their principal axes and divides each axis by the
 square root of its variance (optionally keeping fewer axes), then L2-normalises again. Frequent,
@@ -20,27 +21,35 @@ power.
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from typing import Any
 
+import faiss
 import numpy as np
+
+from raysearch.formats.embeddings import (
+    check_embeddings_model,
+    load_embeddings_manifest,
+    resolve_embeddings_folder,
+    sample_embeddings,
+)
 
 log = logging.getLogger("raysearch")
 
 EIGEN_POWER = -0.5
 DEFAULT_SHRINKAGE = 0.1
 DEFAULT_MAX_TRAIN = 100_000
-WHITENING_EMBEDDINGS_SUBDIR = "whitening-embeddings"
 
 
 @dataclass(frozen=True)
 class WhiteningConfig:
     """How to learn PCA-whitening at build time.
 
-    source: None learns it on the indexed embeddings themselves; otherwise an embeddings folder, an
-    index directory (its embeddings) or an image SOURCE embedded with the index's model.
+    source: None learns it on the indexed embeddings themselves; otherwise an embeddings folder or
+    an index directory (its embeddings) made with the index's model. The build orchestration
+    (`raysearch.build`) embeds an image SOURCE first and passes its folder here, with the SOURCE as
+    `trained_on` (the name the manifest records).
     dim: axes kept (default: all, at most the number of training vectors - 1).
     shrinkage: added to every variance as a multiple of the mean variance (0 = plain PCA-whitening).
     """
@@ -49,6 +58,7 @@ class WhiteningConfig:
     dim: int | None = None
     shrinkage: float = DEFAULT_SHRINKAGE
     max_train: int = DEFAULT_MAX_TRAIN
+    trained_on: str | None = None
 
     def __post_init__(self) -> None:
         if self.dim is not None and self.dim < 1:
@@ -69,10 +79,12 @@ class WhiteningTransform:
 
     @property
     def dim_in(self) -> int:
+        """Dimension of the vectors the transform takes."""
         return int(self.A.shape[1])
 
     @property
     def dim_out(self) -> int:
+        """Dimension of the vectors it returns."""
         return int(self.A.shape[0])
 
     def apply(self, x: np.ndarray) -> np.ndarray:
@@ -110,8 +122,6 @@ def learn_pca_whitening(xt: np.ndarray, dim: int | None = None, shrinkage: float
     The output keeps min(dim or d, n - 1) axes; epsilon = shrinkage * mean variance regularises
     the smallest variances.
     """
-    import faiss
-
     xt = np.ascontiguousarray(xt, dtype=np.float32)
     n, d = xt.shape
     if n < 2:
@@ -132,14 +142,27 @@ def learn_pca_whitening(xt: np.ndarray, dim: int | None = None, shrinkage: float
     return pca
 
 
+def ensure_ids(index: faiss.Index) -> faiss.Index:
+    """Indexes that cannot store ids themselves (Flat, HNSW, PQ, ...) get an IDMap wrapper; IVF
+    indexes (with or without a pre-transform) keep ids in their inverted lists."""
+    try:
+        faiss.extract_index_ivf(index)
+        return index
+    except RuntimeError:
+        pass
+    if isinstance(index, (faiss.IndexIDMap, faiss.IndexIDMap2)):
+        return index
+    if isinstance(index, faiss.IndexPreTransform) and isinstance(
+        faiss.downcast_index(index.index), (faiss.IndexIDMap, faiss.IndexIDMap2)
+    ):
+        return index  # whitening in front of an IDMap: ids stay on the inner index
+    return faiss.IndexIDMap(index)
+
+
 def wrap_index(pca, index):
     """Put [pca, L2 normalisation] in front of `index` (which must be untrained or trained on
     whitened vectors). Ids stay on the inner index (an IDMap is added where it cannot store them),
     so the inner index can also be searched directly with whitened vectors (query expansion)."""
-    import faiss
-
-    from raysearch.index.shards import ensure_ids
-
     if index.d != pca.d_out:
         raise ValueError(f"the index has dimension {index.d}, the whitening outputs {pca.d_out}")
     inner = ensure_ids(index)
@@ -167,16 +190,28 @@ class PreTransformParts:
             y = vt.apply(y)
         return y
 
+    @property
+    def quantiser(self) -> faiss.Index:
+        """The inner index without id wrappers: the index whose codes represent the vectors."""
+        inner = faiss.downcast_index(self.inner)
+        while isinstance(inner, (faiss.IndexIDMap, faiss.IndexIDMap2)):
+            inner = faiss.downcast_index(inner.index)
+        return inner
 
-def split_pretransform(index) -> PreTransformParts:
-    """(transforms, inner index) of an IndexPreTransform; ([], index) for any other index."""
-    import faiss
 
+def split_pretransform(index: faiss.Index) -> PreTransformParts:
+    """(transforms, inner index) of an IndexPreTransform (also behind an outer id map); ([], index)
+    for any other index."""
+    parent = index
     index = faiss.downcast_index(index) if type(index) is faiss.Index else index
+    if isinstance(index, (faiss.IndexIDMap, faiss.IndexIDMap2)):
+        wrapped = faiss.downcast_index(index.index)
+        if isinstance(wrapped, faiss.IndexPreTransform):
+            index = wrapped
     if isinstance(index, faiss.IndexPreTransform):
         transforms = [faiss.downcast_VectorTransform(index.chain.at(i)) for i in range(index.chain.size())]
-        return PreTransformParts(index, transforms, faiss.downcast_index(index.index))
-    return PreTransformParts(index, [], index)
+        return PreTransformParts(parent, transforms, faiss.downcast_index(index.index))
+    return PreTransformParts(parent, [], index)
 
 
 def read_whitening(index) -> WhiteningTransform | None:
@@ -184,8 +219,6 @@ def read_whitening(index) -> WhiteningTransform | None:
 
     Returns y = normalise(A x + b) for a [PCAMatrix (or any linear transform), L2 norm] chain.
     """
-    import faiss
-
     parts = split_pretransform(index)
     if not parts.transforms:
         return None
@@ -200,86 +233,25 @@ def read_whitening(index) -> WhiteningTransform | None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Training vectors
+# Learning the whitening of a build
 # ---------------------------------------------------------------------------------------------
 
 
-def _same_model(a: dict, b: dict) -> bool:
-    return json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
-
-
-def resolve_embeddings_folder(source: str) -> str | None:
-    """An embeddings folder named by `source` itself or inside an index directory, else None."""
-    from raysearch import storage
-    from raysearch.embed import EMBEDDINGS_MANIFEST
-
-    from raysearch.sources.layouts import LAYOUT_PREFIXES
-
-    if source.startswith(LAYOUT_PREFIXES) or ("://" not in source and ":" in source.split("/")[0] and not source.startswith("/")):
-        return None  # a layout spec such as disc21:ROOT or disc21:s3://bucket/disc21
-    if storage.exists(storage.join(source, EMBEDDINGS_MANIFEST)):
-        return source
-    manifest_uri = storage.join(source, "manifest.json")
-    if storage.exists(manifest_uri):
-        manifest = storage.read_json(manifest_uri)
-        emb = (manifest.get("embeddings") or [None])[0]
-        if emb:
-            path = emb if ("://" in emb or emb.startswith("/")) else storage.join(source, emb)
-            if storage.exists(storage.join(path, EMBEDDINGS_MANIFEST)):
-                return path
-    return None
-
-
-def check_embeddings_model(folder: str, model: dict, source: str) -> None:
-    """Raise ValueError unless the embeddings folder was made with exactly `model`."""
-    from raysearch.embed import load_embeddings_manifest
-
-    emb = load_embeddings_manifest(folder)
-    if not _same_model(emb["model"], model):
-        raise ValueError(
-            f"{source} holds embeddings of model {emb['model'].get('name')!r} with other settings than "
-            f"the index's ({model.get('name')!r}); they cannot be compared"
-        )
-
-
-def embeddings_for(source: str, model: dict, work_dir: str, progress: bool = False) -> str:
-    """An embeddings folder of `source` made with `model`: the folder itself (or an index's), or
-    the images of `source` embedded into `work_dir` (resumable, kept for the next run)."""
-    from raysearch.embed import EmbedConfig, embed_source
-    from raysearch.models.registry import ModelSpec
-
-    folder = resolve_embeddings_folder(source)
-    if folder is not None:
-        check_embeddings_model(folder, model, source)
-        return folder
-    embed_source(source, work_dir, EmbedConfig(progress=progress), spec=ModelSpec.from_dict(model))
-    return work_dir
-
-
-def sample_embeddings(embeddings_dir: str, n_max: int, seed: int) -> np.ndarray:
-    """Up to n_max vectors (uniform sample without replacement) of an embeddings folder."""
-    from raysearch.embed import list_parts, load_embeddings_manifest
-    from raysearch.index.build import part_sizes, sample_vectors
-
-    dim = int(load_embeddings_manifest(embeddings_dir)["dim"])
-    parts = list_parts(embeddings_dir, "parts")
-    sizes = part_sizes(parts)
-    return sample_vectors(parts, sizes, min(n_max, sum(sizes)), dim, seed)
-
-
-def learn_whitening(
-    config: WhiteningConfig, embeddings_dir: str, index_dir: str, seed: int
-) -> tuple[Any, dict[str, Any]]:
-    """Learn the whitening a build asked for; returns (trained PCAMatrix, manifest record)."""
-    from raysearch import storage
-    from raysearch.embed import load_embeddings_manifest
-
-    model = load_embeddings_manifest(embeddings_dir)["model"]
+def learn_whitening(config: WhiteningConfig, embeddings_dir: str, seed: int) -> tuple[Any, dict[str, Any]]:
+    """Learn the whitening a build asked for on a sample of an embeddings folder: `config.source`
+    (an embeddings folder made with the index's model) or, when None, the indexed `embeddings_dir`.
+    Returns (trained faiss.PCAMatrix, manifest record)."""
     if config.source is None:
         train_dir, trained_on = embeddings_dir, "the indexed embeddings"
     else:
-        work = storage.join(index_dir, WHITENING_EMBEDDINGS_SUBDIR)
-        train_dir, trained_on = embeddings_for(config.source, model, work), config.source
+        train_dir = resolve_embeddings_folder(config.source)
+        if train_dir is None:
+            raise ValueError(
+                f"whitening source {config.source!r} holds no embeddings: embed it first "
+                "(raysearch build and raysearch index do so for an image SOURCE)"
+            )
+        check_embeddings_model(train_dir, load_embeddings_manifest(embeddings_dir)["model"], config.source)
+        trained_on = config.trained_on or config.source
     xt = sample_embeddings(train_dir, config.max_train, seed)
     pca = learn_pca_whitening(xt, config.dim, config.shrinkage)
     record = {
@@ -292,6 +264,6 @@ def learn_whitening(
         "shrinkage": float(config.shrinkage),
         "epsilon": float(pca.epsilon),
         "stored_in": "IndexPreTransform chain [PCAMatrix, NormalizationTransform] of trained.index and "
-                     "every shard; raysearch.models.whitening.read_whitening(index) -> A, b",
+                     "every shard; raysearch.index.transforms.read_whitening(index) -> A, b",
     }
     return pca, record

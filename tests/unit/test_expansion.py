@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from raysearch.rerank import (
+from raysearch.index.expansion import (
     DatabaseAugmentation,
     QueryExpansion,
     alpha_query_expansion,
