@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 from dataclasses import dataclass
 from typing import Any
 
-import dataclasses
 
 from raysearch import storage
 from raysearch.embed import EmbedConfig, EmbedSummary, embed_source
 from raysearch.formats.embeddings import check_embeddings_model, load_embeddings_manifest, resolve_embeddings_folder
-from raysearch.formats.runs import RUN_FILE
-from raysearch.index.build import IndexConfig, build_index
+from raysearch.index.build import IndexConfig, build_index, check_index_request
 from raysearch.index.dba import DBA_EMBEDDINGS_SUBDIR, augment_embeddings
 from raysearch.index.expansion import DatabaseAugmentation, QueryExpansion
 from raysearch.index.store import MANIFEST
@@ -25,34 +25,65 @@ EMBEDDINGS_SUBDIR = "embeddings"
 WHITENING_EMBEDDINGS_SUBDIR = "whitening-embeddings"
 
 
+# What a build writes into its folder: a folder holding only these (and no manifest) is a build
+# that stopped before the end, resumed by the same command.
+BUILD_ENTRIES = frozenset({EMBEDDINGS_SUBDIR, WHITENING_EMBEDDINGS_SUBDIR, DBA_EMBEDDINGS_SUBDIR, "shards",
+                           "trained.index", "errors.parquet"})
+
+
 @dataclass(frozen=True)
 class BuildResult:
-    """What `build` produced: the index directory, the embedding run's summary and the index's
-    manifest."""
+    """What `build` produced: the index directory, the embedding run's summary (None when the
+    folder already held this build, complete: then nothing was done) and the index's manifest."""
 
     index_dir: str
-    embed: EmbedSummary
+    embed: EmbedSummary | None
     manifest: dict[str, Any]
+    complete_before: bool = False
 
 
-def prepare_output_dir(index_dir: str, overwrite: bool, keep: tuple[str, ...] = ()) -> None:
-    """Refuse to build over an existing directory unless it is our own unfinished build (resumed)
-    or --overwrite is given (then it is emptied, except for the entries named in `keep`)."""
+def build_request(source: str, spec: dict, index_config: IndexConfig, dba: DatabaseAugmentation | None,
+                  query_expansion: QueryExpansion | None) -> dict[str, Any]:
+    """What a build was asked for, as stored in its manifest: a rerun asking for the same finds the
+    index complete instead of refusing the folder."""
+    index = {k: v for k, v in dataclasses.asdict(index_config).items() if k != "progress"}
+    return json.loads(json.dumps({
+        "source": source, "model": spec, "index": index,
+        "dba": dba.to_dict() if dba else None, "query_expansion": query_expansion.to_dict() if query_expansion else None,
+    }, default=str))
+
+
+def prepare_output_dir(index_dir: str, overwrite: bool, keep: tuple[str, ...] = (),
+                       request: dict[str, Any] | None = None) -> str:
+    """Get `index_dir` ready for a build. Returns "new" (empty or emptied), "resume" (our own
+    build that stopped before the end) or "complete" (a finished build of exactly `request`).
+
+    Anything else in the folder is refused unless --overwrite is given (then it is emptied,
+    except for the entries named in `keep`).
+    """
     if storage.exists(index_dir) and not storage.isdir(index_dir):
         raise ValueError(f"--out {index_dir} exists and is not a folder")
     entries = [e for e in storage.listdir(index_dir) if not e.startswith(".raysearch-write-test") and e not in keep]
+    state = "new"
     if entries:
         if overwrite:
             log.info("--overwrite: removing the contents of %s", index_dir)
             for name in entries:
                 storage.remove(storage.join(index_dir, name), recursive=True)
+        elif MANIFEST in entries:
+            previous = storage.read_json(storage.join(index_dir, MANIFEST)).get("build", {}).get("request")
+            if request is None or previous != request:
+                raise ValueError(
+                    f"--out {index_dir} holds another index; pass --overwrite to replace it"
+                    if previous else f"--out {index_dir} is not empty; pass --overwrite to replace it"
+                )
+            state = "complete"
+        elif set(entries) <= BUILD_ENTRIES:
+            state = "resume"
         else:
-            unfinished = MANIFEST not in entries and storage.exists(
-                storage.join(index_dir, EMBEDDINGS_SUBDIR, RUN_FILE)
-            )
-            if not unfinished:
-                raise ValueError(f"--out {index_dir} is not empty; pass --overwrite to replace it")
+            raise ValueError(f"--out {index_dir} is not empty; pass --overwrite to replace it")
     storage.ensure_writable_dir(index_dir)
+    return state
 
 
 def build(
@@ -72,10 +103,19 @@ def build(
     """
     spec = resolve_model(embed_config.model)  # fail on a bad model before touching the output
     open_source(source)  # fail on a missing source before touching the output
-    prepare_output_dir(index_dir, overwrite)
+    request = build_request(source, spec.to_dict(), index_config, dba, query_expansion)
+    if prepare_output_dir(index_dir, overwrite, request=request) == "complete":
+        return BuildResult(index_dir, None, storage.read_json(storage.join(index_dir, MANIFEST)), complete_before=True)
     embeddings_dir = storage.join(index_dir, EMBEDDINGS_SUBDIR)
-    summary = embed_source(source, embeddings_dir, embed_config, spec=spec)
-    manifest = index_embeddings(embeddings_dir, index_dir, index_config, dba, query_expansion)
+
+    def check(listing) -> None:
+        # The index options are checked against the model's dimension and the listing's count
+        # before any image is read: a bad --index fails in seconds, not after embedding.
+        check_index_request(index_config, spec.dim, max(1, listing.n_rows - listing.n_duplicates))
+
+    summary = embed_source(source, embeddings_dir, embed_config, spec=spec, before_embedding=check)
+    manifest = index_embeddings(embeddings_dir, index_dir, index_config, dba, query_expansion,
+                                embed_progress=embed_config.progress, request=request)
     return BuildResult(index_dir=index_dir, embed=summary, manifest=manifest)
 
 
@@ -98,6 +138,7 @@ def index_embeddings(
     dba: DatabaseAugmentation | None = None,
     query_expansion: QueryExpansion | None = None,
     embed_progress: bool = False,
+    request: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """`build_index` plus the build-time re-ranking options; returns the manifest.
 
@@ -107,12 +148,15 @@ def index_embeddings(
     `query_expansion` is stored in the manifest as the default that `Searcher` applies.
     """
     extra: dict[str, Any] = {}
+    emb = load_embeddings_manifest(embeddings_dir)
+    check_index_request(index_config, int(emb["dim"]), max(1, int(emb.get("n_embedded", 1))))
+    if request is None:
+        request = build_request(embeddings_dir, emb["model"], index_config, dba, query_expansion)
     whitening = index_config.whitening
     if whitening is not None and whitening.source is not None:
         # An image SOURCE to learn the whitening on is embedded with the index's model first.
-        model = load_embeddings_manifest(embeddings_dir)["model"]
         work = storage.join(index_dir, WHITENING_EMBEDDINGS_SUBDIR)
-        folder = embeddings_for(whitening.source, model, work, progress=embed_progress)
+        folder = embeddings_for(whitening.source, emb["model"], work, progress=embed_progress)
         index_config = dataclasses.replace(
             index_config, whitening=dataclasses.replace(whitening, source=folder, trained_on=whitening.source))
     if dba is not None:
@@ -121,4 +165,18 @@ def index_embeddings(
         embeddings_dir = augmented
     if query_expansion is not None:
         extra["query_expansion"] = query_expansion.to_dict()
-    return build_index(embeddings_dir, index_dir, index_config, extra_manifest=extra or None)
+    return build_index(embeddings_dir, index_dir, index_config, extra_manifest=extra, build_record={"request": request})
+
+
+def build_progress(index_dir: str) -> tuple[int, int] | None:
+    """(images done, images listed) of the build in `index_dir` as its parts on disk show it;
+    None before the SOURCE was listed. For telling a user where an interrupted build stands."""
+    from raysearch.embed import embeddings_run
+    from raysearch.formats.runs import RUN_FILE
+    from raysearch.sources.listing import Listing
+
+    run = embeddings_run(storage.join(index_dir, EMBEDDINGS_SUBDIR))
+    if not storage.exists(storage.join(run.uri, RUN_FILE)):
+        return None
+    listing = Listing.from_dict(storage.read_json(storage.join(run.uri, RUN_FILE))["listing"])
+    return int(run.done_mask(listing, ("parts", "errors")).sum()), listing.n_rows

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,6 +35,7 @@ from raysearch.formats.runs import RunFolder, check_error_rate
 from raysearch.images import DecodeError, decode_image, resize_image
 from raysearch.models.embedder import Embedder
 from raysearch.models.registry import ModelConfig, ModelSpec, resolve_model
+from raysearch.progress import Progress
 from raysearch.runtime import (
     cluster_cpus,
     cluster_gpus,
@@ -300,12 +302,14 @@ def embed_source(
     config: EmbedConfig = EmbedConfig(),
     spec: ModelSpec | None = None,
     first_row: int = 0,
+    before_embedding: Callable[[Listing], None] | None = None,
 ) -> EmbedSummary:
     """Embed every image of `source_spec` into `embeddings_dir` (resuming an interrupted run).
 
     Returns counts and timing. Raises EmbeddingError if the share of unusable images exceeds
     `config.max_error_rate` (the embeddings and the error table are kept, so a rerun with a higher
-    limit finishes at once).
+    limit finishes at once). `before_embedding(listing)` runs once the SOURCE is listed and before
+    any image is read (a build checks its index options there).
     """
     import ray
 
@@ -313,7 +317,9 @@ def embed_source(
     start = time.perf_counter()
     run = embeddings_run(embeddings_dir)
     record = {"source": source_spec, "model": spec.to_dict(), "raysearch_version": __version__}
-    listing, resumed = run.start(record, source_spec, first_row, what="embeddings")
+    listing, resumed = run.start(record, source_spec, first_row, what="embeddings", progress=config.progress)
+    if before_embedding is not None:
+        before_embedding(listing)
     if resumed and run.is_complete():
         summary = _summary_from_manifest(load_embeddings_manifest(embeddings_dir), embeddings_dir, listing.n_rows)
         _check_error_rate(summary, embeddings_dir, config.max_error_rate)
@@ -357,8 +363,10 @@ def embed_source(
             # Writing is light I/O: reserving no CPU lets parts land while decoding still holds every core.
             num_cpus=0,
         )
-        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-            add_node_counts(nodes, batch)
+        with Progress("embedding", listing.n_rows - n_skipped, "images", enabled=config.progress) as progress:
+            for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+                add_node_counts(nodes, batch)
+                progress.update(int(batch["n_ok"].sum() + batch["n_errors"].sum()))
 
     run.drop_repeated_rows(listing, KINDS)
     done = run.done_mask(listing, KINDS)

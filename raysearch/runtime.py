@@ -7,6 +7,10 @@ import logging
 import os
 import time
 from collections.abc import Iterator
+import re
+import signal
+import sys
+import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -37,7 +41,12 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     env = {k: v for k, v in os.environ.items() if k.startswith(("AWS_", "FSSPEC_", "RAYSEARCH_"))}
     if env:
         kwargs["runtime_env"] = {"env_vars": env}
+    # Ray installs a native handler of fatal signals that also takes SIGTERM (it prints a stack and
+    # aborts); a handler the program set up itself (the CLI's: stop cleanly) is put back.
+    own = signal.getsignal(signal.SIGTERM) if threading.current_thread() is threading.main_thread() else None
     ray.init(address=address, **kwargs)
+    if callable(own):
+        signal.signal(signal.SIGTERM, own)
 
 
 def node_id() -> str | None:
@@ -88,14 +97,16 @@ def model_actor_resources(gpus: float, cpus: float, concurrency: int | None = No
 
 
 def configure_data_context(progress: bool = True) -> None:
-    """Ray Data settings raysearch relies on: progress bars, and no verbose per-op stats dumps."""
+    """Ray Data settings raysearch relies on: no per-operator progress bars or stats dumps of its
+    own (raysearch draws one bar per step, `raysearch.progress`), unless logging is verbose."""
     import ray.data
 
-    if not logging.getLogger("raysearch").isEnabledFor(logging.INFO):
+    verbose = logging.getLogger("raysearch").isEnabledFor(logging.INFO)
+    if not verbose:
         # Ray Data logs every execution at INFO; keep the terminal for progress bars and results.
         logging.getLogger("ray.data").setLevel(logging.ERROR)
     ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = progress
+    ctx.enable_progress_bars = progress and verbose
     ctx.print_on_execution_start = False
     ctx.verbose_stats_logs = False
 
@@ -127,3 +138,69 @@ def available_memory() -> int:
     except OSError:
         pass
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+# Lines that Ray's and FAISS's native code write straight to stderr, below Python's logging: Ray's
+# C++ log lines (e.g. core_worker.cc's note on every Ray Data actor pool that its constructor
+# arguments sit in the object store), the raylet's and Ray's log-deduplication notes, INFO lines
+# forwarded from Ray workers, and FAISS's one warning per k-means with few points per centroid.
+NATIVE_NOISE = re.compile(
+    r"^(\x1b\[[0-9;]*m)*(\([^)]*\)(\x1b\[[0-9;]*m)*\s+)?("
+    r"\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} [IWE] \d+ \d+\] \S+\.cc:\d+:"
+    r"|WARNING clustering \d+ points to \d+ centroids"
+    r"|INFO \d{4}-\d\d-\d\d "
+    r"|Task \S+ failed\. There are (infinite|\d+) retries remaining"
+    r"|\[repeated \d+x across cluster\]"
+    r")"
+)
+
+
+def quiet_native_output(drop: re.Pattern = NATIVE_NOISE) -> None:
+    """Keep Ray's and FAISS's native log lines (NATIVE_NOISE) off this process's stderr and stdout
+    for the rest of its life; everything else passes through unchanged, in order.
+
+    Each of file descriptors 1 and 2 is replaced by a pipe read by a thread that drops the matching
+    lines; partial lines (a progress bar's carriage returns) pass through as they come. At exit the
+    pipes are drained before the process ends. For command-line runs only (`raysearch` without -v):
+    a test process must keep its own descriptors.
+    """
+    import atexit
+
+    threads = []
+    for fd, stream in ((1, sys.stdout), (2, sys.stderr)):
+        stream.flush()
+        real = os.dup(fd)
+        read_end, write_end = os.pipe()
+        os.dup2(write_end, fd)
+        os.close(write_end)
+        thread = threading.Thread(target=_forward, args=(read_end, real, drop), name=f"raysearch-fd{fd}", daemon=True)
+        thread.start()
+        threads.append((fd, stream, real, thread))
+
+    def drain() -> None:
+        for fd, stream, real, thread in threads:
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+            os.dup2(real, fd)      # closes our end of the pipe: the thread reads to its end
+            thread.join(timeout=2.0)
+
+    atexit.register(drain)
+
+
+def _forward(read_end: int, real: int, drop: re.Pattern) -> None:
+    pending = b""
+    with os.fdopen(read_end, "rb", buffering=0) as pipe:
+        while chunk := pipe.read(65536):
+            pending += chunk
+            lines = pending.split(b"\n")
+            pending = lines.pop()
+            out = [line + b"\n" for line in lines if not drop.search(line.decode("utf-8", "replace"))]
+            if b"\r" in pending:   # a progress bar redrawing its line: show it now
+                out.append(pending)
+                pending = b""
+            if out:
+                os.write(real, b"".join(out))
+        if pending and not drop.search(pending.decode("utf-8", "replace")):
+            os.write(real, pending)

@@ -8,13 +8,21 @@ from raysearch.cli.common import app
 
 def _register() -> None:
     # Importing a command module adds its commands to `app`.
-    from raysearch.cli import activate, add, build, demo, eval, eval_gldv2, search, serve  # noqa: F401
+    from raysearch.cli import activate, add, build, demo, errors, eval, eval_gldv2, search, serve  # noqa: F401
 
 
 _register()
 
 
 def main() -> None:
+    """The `raysearch` command. Without -v, the native log lines of Ray and FAISS are kept off the
+    terminal (raysearch.runtime.quiet_native_output); with it, everything shows."""
+    import sys
+
+    if not {"-v", "--verbose"} & set(sys.argv[1:]):
+        from raysearch.runtime import quiet_native_output
+
+        quiet_native_output()
     app()
 
 

@@ -17,18 +17,20 @@ def activate(
     source: Annotated[str, typer.Argument(help="The images to activate (their image_ids must be in the index).")],
     out: Annotated[str, typer.Option("--out", "-o", help="Folder for activated images and the report.")],
     iterations: Annotated[int, typer.Option(help="Optimisation steps (Adam).")] = 10,
-    lr: Annotated[float, typer.Option(help="Adam learning rate on the perturbation variable.")] = 1.0,
+    lr: Annotated[Optional[float], typer.Option(help="Adam learning rate on the perturbation variable (default: 1.0 with the cosine loss, 0.5 with the rank loss).")] = None,
     lambda_f: Annotated[float, typer.Option(help="Weight of the feature loss (see --loss).")] = 1.0,
     lambda_i: Annotated[float, typer.Option(help="Weight of the image loss mean((x' - x)^2).")] = 0.2,
     scaling: Annotated[float, typer.Option(help="Multiplier of the JND heatmap (perturbation budget).")] = 3.0,
     target: Annotated[str, typer.Option(help="pq: the PQ reconstruction of the image's indexed vector; ivf: its IVF centroid.")] = "pq",
-    psnr: Annotated[Optional[float], typer.Option(help="PSNR floor in dB; perturbations are scaled down to meet it.")] = None,
-    augment: Annotated[int, typer.Option(help="Randomly edited views of each image added to the feature loss per step (0: the published method).")] = 0,
+    psnr: Annotated[float, typer.Option(help="PSNR floor in dB: perturbations are scaled down until every image meets it (0: no floor).")] = 40.0,
+    augment: Annotated[Optional[int], typer.Option(help="Randomly edited views of each image added to the feature loss per step (default: 0 with the cosine loss, the published method; 3 with the rank loss).")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the edited views.")] = 0,
-    loss: Annotated[str, typer.Option(help=(
+    loss: Annotated[Optional[str], typer.Option(help=(
         "Feature loss. cosine: 1 - cos(f(x'), target), pull the feature to its --target (the published "
         "method); rank: make the image's own PQ code outscore the codes of its --competitors "
-        "nearest other indexed vectors (softmax over distances at temperature --tau; needs --target pq)."))] = "cosine",
+        "nearest other indexed vectors (softmax over distances at temperature --tau; needs --target pq). "
+        "Default: cosine for an edit-invariant model (a TorchScript one, or trained with "
+        "--objective copy), rank for the others (it measured best with them)."))] = None,
     competitors: Annotated[int, typer.Option(help="With --loss rank: neighbouring codes, found by searching the index, that the own code must outscore.")] = 10,
     tau: Annotated[float, typer.Option(help="With --loss rank: softmax temperature on squared L2 distances.")] = 0.05,
     format: Annotated[str, typer.Option("--format", help="png (keeps the perturbation) or jpg.")] = "png",
@@ -47,14 +49,15 @@ def activate(
 
     Publish the activated images instead of the originals; the index is not changed.
     """
-    from raysearch.activate.optimize import ActivateConfig
     from raysearch.activate.pipeline import ActivatePipelineConfig, activate_source
 
     setup_logging(verbose)
+    given = {"iterations": iterations, "lr": lr, "lambda_f": lambda_f, "lambda_i": lambda_i, "scaling": scaling,
+             "target": target, "psnr": psnr or None, "augment": augment, "seed": seed, "loss": loss,
+             "competitors": competitors, "tau": tau}
+    options = tuple((k, v) for k, v in given.items() if v is not None or k == "psnr")
     config = ActivatePipelineConfig(
-        activate=ActivateConfig(iterations=iterations, lr=lr, lambda_f=lambda_f, lambda_i=lambda_i,
-                                scaling=scaling, target=target, psnr=psnr, augment=augment, seed=seed,
-                                loss=loss, competitors=competitors, tau=tau),
+        options=options,
         batch_size=batch_size, max_batch_pixels=round(batch_megapixels * 1e6), concurrency=concurrency, format=format, quality=quality,
         max_error_rate=max_error_rate, progress=progress,
     )
@@ -64,8 +67,11 @@ def activate(
         f"{f', {s.n_skipped} already done' if s.n_skipped else ''}) in {s.seconds:.1f} s, "
         f"{s.images_per_second:.2f} images/s"
     )
+    used = s.settings
+    floor = f", floor {used['psnr']:g} dB" if used.get("psnr") else ", no PSNR floor"
+    typer.echo(f"loss {used['loss']} (lr {used['lr']:g}, {used['augment']} edited views){floor}")
     typer.echo(
-        f"PSNR {s.mean_psnr:.1f} dB, SSIM {s.mean_ssim:.3f}; cosine to target "
+        f"PSNR {s.mean_psnr:.1f} dB (min {s.min_psnr:.1f}), SSIM {s.mean_ssim:.3f}; cosine to target "
         f"{s.mean_cos_before:.3f} -> {s.mean_cos_after:.3f}"
     )
     typer.echo(f"wrote {out}/images and {out}/report")

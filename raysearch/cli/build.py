@@ -6,7 +6,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from raysearch.cli.common import app, setup_logging, user_errors
+from raysearch.cli.common import app, interrupted, setup_logging, user_errors
 from raysearch.models.names import DEFAULT_MODEL
 
 # Options shared by the commands that embed images.
@@ -101,11 +101,18 @@ def index_config(index: str, metric: str, max_index_memory: str, shards: int, me
     )
 
 
+def search_setting(search: dict) -> str:
+    """How the index is searched, in words: "exact search", "nprobe 12" or "efSearch 64"."""
+    if search.get("exact") or search.get("nprobe") is None:
+        return "exact search" if search.get("exact") else "no search parameter"
+    return f"{search.get('param') or 'nprobe'} {search['nprobe']}"
+
+
 def print_index_summary(manifest: dict) -> None:
     shards = manifest["shards"]
     typer.echo(
         f"index: {manifest['factory']} ({manifest['factory_reason']}); {manifest['n_vectors']} vectors "
-        f"in {len(shards)} shard{'s' if len(shards) != 1 else ''}; nprobe {manifest['search'].get('nprobe')}"
+        f"in {len(shards)} shard{'s' if len(shards) != 1 else ''}; {search_setting(manifest['search'])}"
     )
     extras = []
     if manifest.get("whitening"):
@@ -122,7 +129,7 @@ def print_index_summary(manifest: dict) -> None:
         reached = "" if search.get("reached") else f" (target {search['target_recall']} not reachable with these codes)"
         typer.echo(
             f"tuned: {search['param']} {search['nprobe']} gives recall@{search['k']} {search['recall_at_k']:.3f} "
-            f"on {search['n_queries']} held-out queries{reached}"
+            f"on {search['n_queries']} copies of held-out vectors{reached}"
         )
     train = manifest.get("build", {}).get("train")
     if train and train.get("backend") not in (None, "none"):
@@ -185,17 +192,41 @@ def build(
     index_cfg = index_config(index, metric, max_index_memory, shards, merge, train_size, nprobe, target_recall, seed, whitening, train_on, kmeans)
     if address:
         ensure_ray(address)
-    result = run_build(source, out, embed_cfg, index_cfg, overwrite=overwrite, dba=dba_cfg, query_expansion=qe_cfg)
+    try:
+        result = run_build(source, out, embed_cfg, index_cfg, overwrite=overwrite, dba=dba_cfg, query_expansion=qe_cfg)
+    except KeyboardInterrupt:
+        from raysearch.build import build_progress
+
+        raise interrupted(build_progress(out), "images") from None
+    if result.complete_before:
+        typer.echo(f"{out} already holds this build, complete: nothing to do (--overwrite rebuilds it)")
+        print_index_summary(result.manifest)
+        return
     s = result.embed
-    typer.echo(
-        f"embedded {s.n_embedded} of {s.n_images} images ({s.n_errors} errors"
-        f"{f', {s.n_skipped} already done' if s.n_skipped else ''}) in {s.seconds:.1f} s, "
-        f"{s.images_per_second:.1f} images/s"
-    )
+    if s.n_skipped == s.n_images:
+        typer.echo(f"embedded {s.n_embedded} of {s.n_images} images ({s.n_errors} errors), all by an earlier run")
+    else:
+        typer.echo(
+            f"embedded {s.n_embedded} of {s.n_images} images ({s.n_errors} errors"
+            f"{f', {s.n_skipped} already done' if s.n_skipped else ''}) in {s.seconds:.1f} s, "
+            f"{s.images_per_second:.1f} images/s"
+        )
     if s.n_errors:
-        typer.echo(f"error table: {out.rstrip('/')}/errors.parquet")
+        print_skipped(out)
     print_index_summary(result.manifest)
     typer.echo(f"wrote {out}")
+
+
+def print_skipped(index_dir: str, show: int = 5) -> None:
+    """The first skipped images with their reasons, and where the whole error table is."""
+    from raysearch.index.store import IndexStore
+
+    errors = IndexStore(index_dir, verify=False).errors()
+    for row in errors.slice(0, show).to_pylist():
+        typer.echo(f"  skipped {row['uri']}: {row['reason']}")
+    if errors.num_rows > show:
+        typer.echo(f"  ... and {errors.num_rows - show} more")
+    typer.echo(f"error table: {index_dir.rstrip('/')}/errors.parquet (raysearch errors {index_dir})")
 
 
 @app.command("index")
@@ -232,7 +263,8 @@ def index_cmd(
     merged, and its nprobe tuned to reach --target-recall; see docs/index.md.
     """
     from raysearch import storage
-    from raysearch.build import index_embeddings, prepare_output_dir
+    from raysearch.build import build_request, index_embeddings, prepare_output_dir
+    from raysearch.formats.embeddings import load_embeddings_manifest
     from raysearch.runtime import ensure_ray
 
     setup_logging(verbose)
@@ -242,7 +274,12 @@ def index_cmd(
         ensure_ray(address)
     # Rebuilding in place (EMBEDDINGS inside --out) must never delete the embeddings themselves.
     keep = tuple(p for p in storage.listdir(out) if storage.join(out, p).rstrip("/") == embeddings.rstrip("/"))
-    prepare_output_dir(out, overwrite, keep=keep)
-    manifest = index_embeddings(embeddings, out, cfg, dba_cfg, qe_cfg)
+    emb = load_embeddings_manifest(embeddings)
+    request = build_request(embeddings, emb["model"], cfg, dba_cfg, qe_cfg)
+    if prepare_output_dir(out, overwrite, keep=keep, request=request) == "complete":
+        typer.echo(f"{out} already holds this index, complete: nothing to do (--overwrite rebuilds it)")
+        print_index_summary(storage.read_json(storage.join(out, "manifest.json")))
+        return
+    manifest = index_embeddings(embeddings, out, cfg, dba_cfg, qe_cfg, request=request)
     print_index_summary(manifest)
     typer.echo(f"wrote {out}")

@@ -33,6 +33,7 @@ MatchOpt = Annotated[str, typer.Option(help="How ids are matched: 'name' (file n
 InProcessOpt = Annotated[int, typer.Option(help="Embed up to this many query images in this process; more go through the Ray pipeline.")]
 WorkOpt = Annotated[Optional[str], typer.Option(help="Folder for query/background embeddings made with Ray (kept and reused; default: a temporary folder). On a multi-node cluster use shared storage, e.g. s3://.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the metrics as JSON.")]
+OutOpt = Annotated[Optional[str], typer.Option("--out", "-o", help="Folder for the evaluation's files (predictions); default INDEX_DIR/eval/PROTOCOL.")]
 ProgressOpt = Annotated[bool, typer.Option("--progress/--no-progress", help="Ray Data progress bars.")]
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Log each stage.")]
 
@@ -56,6 +57,23 @@ def print_json(doc: dict) -> None:
     typer.echo(json.dumps(doc, indent=2, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
 
 
+def output_file(index_dir: str, protocol: str, out: Optional[str], explicit: Optional[str], name: str) -> str | None:
+    """Where an evaluation writes a file: the path given explicitly ('' = nowhere), else OUT/name
+    with OUT defaulting to INDEX_DIR/eval/PROTOCOL (never the working directory). An index folder
+    that cannot be written to gets a warning and no file."""
+    from raysearch import storage
+
+    if explicit is not None:
+        return explicit or None
+    folder = out or storage.join(index_dir, "eval", protocol)
+    try:
+        storage.ensure_writable_dir(folder)
+    except PermissionError as e:
+        typer.echo(f"warning: {e}; pass --out DIR to keep the {name}", err=True)
+        return None
+    return storage.join(folder, name)
+
+
 @eval_app.command("copy")
 @user_errors
 def copy_cmd(
@@ -70,7 +88,8 @@ def copy_cmd(
     beta: Annotated[float, typer.Option(help="Score normalisation weight: score -= beta * mean top-k background similarity.")] = 1.0,
     background_k: Annotated[int, typer.Option(help="Background neighbours averaged for score normalisation.")] = 3,
     max_predictions: Annotated[Optional[int], typer.Option(help="Keep only the best-scoring predictions in total (ISC2021 allowed 10 per query).")] = None,
-    predictions: Annotated[Optional[str], typer.Option(help="Where to write the predictions CSV (query_id,reference_id,score); '' to skip.")] = "predictions.csv",
+    out: OutOpt = None,
+    predictions: Annotated[Optional[str], typer.Option(help="Where to write the predictions CSV (query_id,reference_id,score) instead of OUT/predictions.csv; '' to skip.")] = None,
     match_ids: MatchOpt = "name",
     in_process_limit: InProcessOpt = 1000,
     work: WorkOpt = None,
@@ -89,6 +108,7 @@ def copy_cmd(
         in_process_limit=in_process_limit, work_dir=work, progress=progress,
     )
     report = evaluate_copy_detection(index_dir, queries, gt, config)
+    predictions = output_file(index_dir, "copy", out, predictions, "predictions.csv")
     if predictions:
         write_predictions(predictions, report.predictions)
     if json_out:

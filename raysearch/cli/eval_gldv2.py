@@ -11,6 +11,7 @@ from raysearch.cli.eval import (
     IndexDirArg,
     InProcessOpt,
     JsonOpt,
+    OutOpt,
     NprobeOpt,
     ProgressOpt,
     QeAlphaOpt,
@@ -18,6 +19,7 @@ from raysearch.cli.eval import (
     VerboseOpt,
     WorkOpt,
     eval_app,
+    output_file,
     print_json,
     query_expansion_option,
 )
@@ -34,7 +36,8 @@ def gldv2_cmd(
     nprobe: NprobeOpt = None,
     qe: QeOpt = None,
     qe_alpha: QeAlphaOpt = 3.0,
-    predictions: Annotated[Optional[str], typer.Option(help="Where to write the predictions in the challenge's submission format (id,images); '' to skip.")] = "predictions-gldv2.csv",
+    out: OutOpt = None,
+    predictions: Annotated[Optional[str], typer.Option(help="Where to write the predictions in the challenge's submission format (id,images) instead of OUT/predictions.csv; '' to skip.")] = None,
     match_ids: Annotated[str, typer.Option(help="'name' (file name without folders/extension) or 'exact' (image ids as indexed).")] = "name",
     in_process_limit: InProcessOpt = 1000,
     work: WorkOpt = None,
@@ -59,6 +62,7 @@ def gldv2_cmd(
     config = Gldv2EvalConfig(k=k, nprobe=nprobe, query_expansion=query_expansion_option(qe, qe_alpha),
                              match_ids=match_ids, in_process_limit=in_process_limit, work_dir=work, progress=progress)
     report = evaluate_gldv2(index_dir, queries, solution, config)
+    predictions = output_file(index_dir, "gldv2", out, predictions, "predictions.csv")
     if predictions:
         write_retrieval_predictions(predictions, report.predictions)
     if json_out:

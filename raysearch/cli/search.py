@@ -6,7 +6,16 @@ from typing import Annotated, Optional
 
 import typer
 
-from raysearch.cli.common import OutputFormat, app, fail, setup_logging, user_errors, write_results
+from raysearch.cli.common import (
+    FAILED_QUERIES_EXIT,
+    OutputFormat,
+    app,
+    expand_queries,
+    report_failed_queries,
+    setup_logging,
+    user_errors,
+    write_results,
+)
 
 
 def result_rows(queries: list[str], result, image_ids, uris, problems: list[str | None]) -> list[dict]:
@@ -30,8 +39,8 @@ def result_rows(queries: list[str], result, image_ids, uris, problems: list[str 
 @user_errors
 def search(
     index_dir: Annotated[str, typer.Argument(help="Index directory (local or s3://).")],
-    queries: Annotated[list[str], typer.Argument(help="Query image files or URIs.")],
-    k: Annotated[int, typer.Option("-k", "--k", help="Results per query (1..1000).")] = 10,
+    queries: Annotated[list[str], typer.Argument(help="Query images: files, URIs, or any SOURCE (folder, glob, list file).")],
+    k: Annotated[int, typer.Option("--top-k", "-k", help="Results per query (1..1000).")] = 10,
     nprobe: Annotated[Optional[int], typer.Option(help="Override the index's tuned nprobe / efSearch.")] = None,
     qe: Annotated[Optional[int], typer.Option(help="Alpha query expansion with the top K results (0 = off; default: the index's setting).")] = None,
     qe_alpha: Annotated[float, typer.Option(help="Query expansion weight = similarity ** alpha.")] = 3.0,
@@ -46,12 +55,14 @@ def search(
     setup_logging(verbose)
     check_k(k)
     expansion = None if qe is None else (QueryExpansion(qe, qe_alpha) if qe != 0 else False)
+    paths = expand_queries(list(queries))
     searcher = Searcher(index_dir, verify=verify)
-    result, problems = searcher.search_images(list(queries), k=k, nprobe=nprobe, query_expansion=expansion)
+    result, problems = searcher.search_images(paths, k=k, nprobe=nprobe, query_expansion=expansion)
     image_ids, uris = searcher.lookup(result)
-    write_results(result_rows(list(queries), result, image_ids, uris, problems), format)
-    if all(p is not None for p in problems):
-        raise fail("no query image could be read")
+    rows = result_rows(paths, result, image_ids, uris, problems)
+    write_results(rows, format)
+    if report_failed_queries(rows):
+        raise typer.Exit(FAILED_QUERIES_EXIT)
 
 
 @app.command()

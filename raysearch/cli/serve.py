@@ -11,7 +11,17 @@ from typing import Annotated, Optional
 
 import typer
 
-from raysearch.cli.common import OutputFormat, app, fail, setup_logging, user_errors, write_results
+from raysearch.cli.common import (
+    FAILED_QUERIES_EXIT,
+    OutputFormat,
+    app,
+    expand_queries,
+    fail,
+    report_failed_queries,
+    setup_logging,
+    user_errors,
+    write_results,
+)
 
 ApiKeyOpt = Annotated[Optional[str], typer.Option(
     "--api-key", envvar="RAYSEARCH_API_KEY", show_envvar=True,
@@ -43,7 +53,7 @@ def serve_cmd(
 ) -> None:
     """Serve INDEX_DIR over HTTP with Ray Serve until interrupted (Ctrl-C shuts Serve down)."""
     from raysearch.index.store import IndexStore
-    from raysearch.serve.app import direct_urls, service_url, start_service
+    from raysearch.serve.app import check_port_free, direct_urls, prepare_ray, service_url, start_service
     from raysearch.serve.config import ServeConfig
 
     setup_logging(verbose)
@@ -57,6 +67,8 @@ def serve_cmd(
         raise fail("--detach leaves the service on a running Ray cluster: give --address (or set "
                    "RAY_ADDRESS); start one with `ray start --head`")
     store = IndexStore(index_dir, verify=False)  # a missing or incomplete index fails here, by name
+    if not address:
+        check_port_free(host, port)   # a Ray we start ourselves: the port must be free now
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         typer.echo(f"warning: listening on {host} without --api-key: anyone who can reach port {port} "
                    "can search this index", err=True)
@@ -66,6 +78,10 @@ def serve_cmd(
     # SIGTERM (from a process manager) stops the service as cleanly as Ctrl-C, even mid-start.
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
+        prepare_ray(address, direct_ingress)
+        # Starting Ray installs its own handler of fatal signals, SIGTERM included (it prints a
+        # native stack and aborts): put ours back.
+        signal.signal(signal.SIGTERM, _raise_interrupt)
         start_service(config, address, direct_ingress=direct_ingress)
         typer.echo(f"serving {index_dir} at {url}  (POST {url}/search, GET {url}/healthz, docs {url}/docs)")
         if direct_ingress:
@@ -107,9 +123,9 @@ def _stop_service(app_name: str, attached: bool) -> None:
 @app.command("query")
 @user_errors
 def query_cmd(
-    url: Annotated[str, typer.Argument(help="Service URL, e.g. http://127.0.0.1:8000")],
-    images: Annotated[list[str], typer.Argument(help="Query image files (read here and uploaded).")],
-    k: Annotated[int, typer.Option("-k", "--k", help="Results per query (1..1000).")] = 10,
+    url: Annotated[str, typer.Argument(help="Service URL, e.g. http://127.0.0.1:8000 (the scheme may be left out).")],
+    images: Annotated[list[str], typer.Argument(help="Query images: local files or any local SOURCE (folder, glob, list file); read here and uploaded.")],
+    k: Annotated[int, typer.Option("--top-k", "-k", help="Results per query (1..1000).")] = 10,
     nprobe: Annotated[Optional[int], typer.Option(help="Override the index's tuned nprobe / efSearch.")] = None,
     format: Annotated[OutputFormat, typer.Option("--format", "-f", help="table, csv (query,rank,id,uri,score) or json.")] = OutputFormat.table,
     api_key: ClientKeyOpt = None,
@@ -119,18 +135,19 @@ def query_cmd(
     """Search a running `raysearch serve` with query images; same output as `raysearch search`."""
     import httpx
 
+    from raysearch import storage
     from raysearch.serve.client import MAX_K, SearchClient, ServiceError
 
     if not 1 <= k <= MAX_K:
         raise ValueError(f"-k must be between 1 and {MAX_K}, got {k}")
+    images = expand_queries(list(images))
     if concurrency < 1:
         raise ValueError(f"--concurrency must be >= 1, got {concurrency}")
 
     def ask(path: str):
         """One query: (hits, None) or (None, reason the image could not be used)."""
         try:
-            with open(path, "rb") as f:
-                data = f.read()
+            data = storage.read_bytes(path)
         except OSError as e:
             return None, f"cannot read: {e.strerror or e}"
         try:
@@ -161,5 +178,5 @@ def query_cmd(
         rows.extend({"query": path, **hit} for hit in hits)
     write_results(rows, format)
     sys.stdout.flush()
-    if all(problem is not None for _, problem in answers):
-        raise fail("no query image could be used")
+    if report_failed_queries(rows):
+        raise typer.Exit(FAILED_QUERIES_EXIT)

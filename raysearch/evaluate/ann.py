@@ -4,7 +4,6 @@ latency, for each nprobe / efSearch."""
 from __future__ import annotations
 
 import math
-import os
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -57,15 +56,15 @@ class AnnEvalReport:
                 "exact_seconds": round(self.exact_seconds, 3), "rows": self.rows}
 
 
-def index_embeddings_dir(searcher: Searcher) -> str:
-    """The embeddings folder an index was built from (its manifest's `embeddings`)."""
-    emb = (searcher.store.manifest.get("embeddings") or [None])[0]
-    if not emb:
+def index_embeddings_dirs(searcher: Searcher) -> list[str]:
+    """Every embeddings folder the index holds vectors of: the build's and each `raysearch add`'s."""
+    folders = searcher.store.embeddings_folders()
+    if not folders:
         raise ValueError(f"{searcher.store.index_dir}: the manifest names no embeddings folder")
-    path = emb if ("://" in emb or os.path.isabs(emb)) else storage.join(searcher.store.index_dir, emb)
-    if not storage.exists(path):
-        raise FileNotFoundError(f"the embeddings of {searcher.store.index_dir} are missing: {path}")
-    return path
+    for path in folders:
+        if not storage.exists(path):
+            raise FileNotFoundError(f"the embeddings of {searcher.store.index_dir} are missing: {path}")
+    return folders
 
 
 def default_nprobes(searcher: Searcher) -> list[int | None]:
@@ -99,12 +98,12 @@ def evaluate_ann(searcher: Searcher | str, config: AnnEvalConfig = AnnEvalConfig
     embeddings), and latency, for each nprobe / efSearch."""
 
     searcher = searcher if isinstance(searcher, Searcher) else Searcher(searcher)
-    embeddings_dir = index_embeddings_dir(searcher)
-    xq = sample_embeddings(embeddings_dir, config.n_queries, config.seed)
+    embeddings_dirs = index_embeddings_dirs(searcher)
+    xq = sample_embeddings(embeddings_dirs, config.n_queries, config.seed)
     ntotal = searcher.store.ntotal
     kmax = min(max(config.ks), ntotal)
     start = time.perf_counter()
-    exact = exact_neighbours(searcher, xq, [embeddings_dir], kmax)
+    exact = exact_neighbours(searcher, xq, embeddings_dirs, kmax)
     exact_seconds = time.perf_counter() - start
     nprobes = list(config.nprobes) if config.nprobes else default_nprobes(searcher)
     rows = []

@@ -197,10 +197,12 @@ def sample_vectors(parts: list[str], sizes: list[int], n_sample: int, dim: int, 
     return np.ascontiguousarray(np.concatenate(out)) if out else np.empty((0, dim), np.float32)
 
 
-def sample_embeddings(embeddings_dir: str, n_max: int, seed: int) -> np.ndarray:
-    """Up to n_max vectors (uniform sample without replacement) of a complete embeddings folder."""
-    dim = int(load_embeddings_manifest(embeddings_dir)["dim"])
-    parts = list_parts(embeddings_dir)
+def sample_embeddings(embeddings_dirs: str | list[str], n_max: int, seed: int) -> np.ndarray:
+    """Up to n_max vectors (a seeded uniform sample without replacement) of one or several complete
+    embeddings folders (e.g. an index's build and its additions), taken together."""
+    folders = [embeddings_dirs] if isinstance(embeddings_dirs, str) else list(embeddings_dirs)
+    dim = int(load_embeddings_manifest(folders[0])["dim"])
+    parts = [uri for folder in folders for uri in list_parts(folder)]
     sizes = part_sizes(parts)
     return sample_vectors(parts, sizes, min(n_max, sum(sizes)), dim, seed)
 

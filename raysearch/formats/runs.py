@@ -60,7 +60,7 @@ class RunFolder:
         return storage.exists(self.done_uri)
 
     def start(self, record: dict, source_spec: str, first_row: int = 0, overwrite: bool = False,
-              what: str = "the results") -> tuple[Listing, bool]:
+              what: str = "the results", progress: bool = False) -> tuple[Listing, bool]:
         """Open the folder for `record` (a JSON-able dict). Returns (listing, resumed).
 
         A folder holding an earlier run of the same request is resumed (its listing reused); one
@@ -70,6 +70,8 @@ class RunFolder:
         """
         if storage.exists(self.uri) and storage.listdir(self.uri):
             previous = storage.read_json(self.run_uri) if storage.exists(self.run_uri) else None
+            if previous is None and _only_a_listing(self.uri):
+                overwrite = True   # a run stopped while listing left only its own partial listing
             if overwrite:
                 for name in storage.listdir(self.uri):
                     storage.remove(storage.join(self.uri, name), recursive=True)
@@ -83,7 +85,8 @@ class RunFolder:
             elif "listing" in previous:
                 return Listing.from_dict(previous["listing"]), True
         storage.ensure_writable_dir(self.uri)
-        listing = write_listing(open_source(source_spec), storage.join(self.uri, LISTING), first_row=first_row)
+        listing = write_listing(open_source(source_spec), storage.join(self.uri, LISTING), first_row=first_row,
+                                progress=progress)
         if listing.n_rows == 0:
             raise ValueError(
                 f"source {source_spec!r} holds no images (looked for .jpg .jpeg .png .webp .bmp .tif .tiff .gif)"
@@ -126,6 +129,11 @@ class RunFolder:
     def finish(self, manifest: dict) -> None:
         """Write the done file (last, atomically)."""
         storage.atomic_write_json(self.done_uri, manifest)
+
+
+def _only_a_listing(folder: str) -> bool:
+    entries = [e for e in storage.listdir(folder) if not e.startswith(".raysearch-")]
+    return entries == [LISTING]
 
 
 def check_error_rate(n_errors: int, n_rows: int, max_error_rate: float, folder: str, what: str,

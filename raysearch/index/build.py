@@ -17,11 +17,14 @@ merge, tune.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
+import re
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -55,7 +58,18 @@ from raysearch.index.train import (
     train_serialized,
 )
 from raysearch.index.transforms import learn_whitening, wrap_index
-from raysearch.index.tune import TuneResult, drop_self, search_param, tune, tune_queries_count
+from raysearch.index.tune import (
+    COPY_COSINE,
+    QUERY_KINDS,
+    TUNE_MARGIN,
+    TuneResult,
+    drop_self,
+    perturbed_queries,
+    search_param,
+    tune,
+    tune_queries_count,
+)
+from raysearch.progress import Progress
 from raysearch.runtime import Timer, available_memory, cluster_cpus, cluster_gpus, ensure_ray
 
 log = logging.getLogger("raysearch")
@@ -80,9 +94,11 @@ class IndexConfig:
     train_on: str = "auto"      # auto, cpu, faiss-gpu, torch or torch:DEVICE
     kmeans: str = "auto"        # coarse k-means: auto, flat or two-level (raysearch.index.train)
     tune_queries: int | None = None   # default: min(1000, N/10)
+    tune_with: str = "perturbed"      # tuning queries: "perturbed" copies of indexed vectors, or "database" (raysearch.index.tune)
     cpus_per_shard: int | None = None  # default: the cluster's CPUs shared among the shards
     whitening: Any = None       # raysearch.index.transforms.WhiteningConfig: PCA-whitening in front of the index
     keep_vectors: bool | None = None  # builders keep their share between check and add; None: when it fits in memory
+    progress: bool = False            # show the training and adding steps on stderr (raysearch.progress)
 
     def __post_init__(self) -> None:
         if self.metric not in METRICS:
@@ -98,6 +114,8 @@ class IndexConfig:
             raise ValueError(f"--target-recall must be in (0, 1], got {self.target_recall}")
         check_train_on(self.train_on)
         check_kmeans(self.kmeans, self.train_on)
+        if self.tune_with not in QUERY_KINDS:
+            raise ValueError(f"tune_with must be one of {QUERY_KINDS}, got {self.tune_with!r}")
         if self.tune_queries is not None and self.tune_queries < 1:
             raise ValueError(f"--tune-queries must be >= 1, got {self.tune_queries}")
         if self.cpus_per_shard is not None and self.cpus_per_shard < 1:
@@ -117,11 +135,52 @@ def choose_positions(n: int, n_train: int, n_queries: int, seed: int) -> tuple[n
 
 
 def make_index(factory: str, dim: int, metric: str) -> faiss.Index:
+    """faiss.index_factory(dim, factory, metric), or a ValueError naming the string (with a hint
+    when only its case is wrong, e.g. 'hnsw32' for 'HNSW32')."""
     try:
         return faiss.index_factory(dim, factory, METRICS[metric])
     except RuntimeError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else "invalid"
-        raise ValueError(f"--index {factory!r} is not a valid FAISS factory string for dim {dim}: {first}") from e
+        hint = ""
+        if factory.upper() != factory:
+            try:
+                faiss.index_factory(dim, factory.upper(), METRICS[metric])
+                hint = f" (did you mean {factory.upper()!r}? factory strings are case-sensitive)"
+            except RuntimeError:
+                pass
+        # FAISS's message names the C++ function and source line first; keep the reason after them.
+        found = re.search(r" at \S+:\d+: (.*)$", first)
+        reason = found.group(1) if found else first
+        raise ValueError(f"--index {factory!r} is not a valid FAISS factory string for {dim}-d vectors{hint}: {reason}") from e
+
+
+def check_index_request(config: IndexConfig, dim: int, n: int) -> tuple[faiss.Index, str, str, int | None]:
+    """Check that `config` can index `n` vectors of dimension `dim` (after whitening, when it
+    whitens): the factory string parses, PQ sub-quantisers divide the dimension, there are enough
+    training vectors for its lists and codes. Cheap (no vector is read), so a build calls it
+    before embedding anything. Returns (the untrained index, factory, why that factory, its
+    estimated bytes or None). Raises ValueError naming the option."""
+    index_dim = dim
+    if config.whitening is not None:
+        index_dim = min(config.whitening.dim or dim, dim, max(1, n - 1))
+    estimated = None
+    if config.factory == "auto":
+        choice = fac.choose_factory(n, index_dim, config.max_memory)
+        factory, reason, estimated = choice.factory, choice.reason, choice.estimated_bytes
+    else:
+        factory, reason = config.factory, "given with --index"
+    index = make_index(factory, index_dim, config.metric)
+    if config.merge and config.shards > 1 and "HNSW" in factory:
+        raise ValueError("--merge is not possible for HNSW graphs; build with --shards 1 or keep the shards")
+    n_train = 0 if index.is_trained else min(config.train_size or fac.training_size(index, n), n)
+    need = fac.min_training_vectors(index)
+    if not index.is_trained and n_train < need:
+        raise ValueError(
+            f"--index {factory!r} needs at least {need} training vectors, but only {n_train} are "
+            f"available ({n} vectors{', --train-size ' + str(config.train_size) if config.train_size else ''}); "
+            "use fewer lists/codes or --index auto"
+        )
+    return index, factory, reason, estimated
 
 
 def default_nprobe(index: faiss.Index) -> int | None:
@@ -260,18 +319,28 @@ class _Builders:
 
         return ray.put(value)
 
-    def call(self, method: str, args: list[tuple]) -> list:
-        """builder[i].method(*args[i]) for every shard, in parallel on Ray; their results."""
+    def call(self, method: str, args: list[tuple], done: Callable[[Any], None] | None = None) -> list:
+        """builder[i].method(*args[i]) for every shard, in parallel on Ray; their results, in
+        shard order. `done(result)` is called as each one finishes (for progress)."""
+        done = done or (lambda result: None)
         if self.mode == "process":
-            return [getattr(b, method)(*a) for b, a in zip(self.builders, args)]
+            results = []
+            for b, a in zip(self.builders, args):
+                results.append(getattr(b, method)(*a))
+                done(results[-1])
+            return results
         import ray
 
         if self.mode == "actors":
-            return ray.get([getattr(b, method).remote(*a) for b, a in zip(self.builders, args)])
-        remote = ray.remote(num_cpus=self.cpus, scheduling_strategy="SPREAD")(_run_builder)
-        return ray.get([
-            remote.remote(slices, self.dim, self.cpus, method, *a) for (slices, _), a in zip(self.tasks, args)
-        ])
+            refs = [getattr(b, method).remote(*a) for b, a in zip(self.builders, args)]
+        else:
+            remote = ray.remote(num_cpus=self.cpus, scheduling_strategy="SPREAD")(_run_builder)
+            refs = [remote.remote(slices, self.dim, self.cpus, method, *a) for (slices, _), a in zip(self.tasks, args)]
+        pending = list(refs)
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1)
+            done(ray.get(ready[0]))
+        return ray.get(refs)
 
     def close(self) -> None:
         if self.mode == "actors":
@@ -288,42 +357,30 @@ def _run_builder(slices: list, dim: int, threads: int, method: str, *args: Any) 
 
 
 def build_index(
-    embeddings_dir: str, index_dir: str, config: IndexConfig = IndexConfig(), extra_manifest: dict[str, Any] | None = None
+    embeddings_dir: str, index_dir: str, config: IndexConfig = IndexConfig(), extra_manifest: dict[str, Any] | None = None,
+    build_record: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Build an index directory from a complete embeddings folder; returns the manifest.
 
-    `extra_manifest`: more entries for the manifest (e.g. how the embeddings were augmented).
+    `extra_manifest`: more entries for the manifest (e.g. how the embeddings were augmented);
+    `build_record`: more entries for its "build" record (e.g. the request that made it).
     """
     timer = Timer()
     emb, parts, sizes, dim = check_parts(embeddings_dir)
     n = sum(sizes)
 
-    whitener, whitening_record, index_dim = None, None, dim
+    check_index_request(config, dim, n)   # before learning anything
+    whitener, whitening_record = None, None
     if config.whitening is not None:
         storage.makedirs(index_dir)
         with timer("whiten"):
             whitener, whitening_record = learn_whitening(config.whitening, embeddings_dir, config.seed)
-        index_dim = whitener.d_out
-    estimated = None
-    if config.factory == "auto":
-        choice = fac.choose_factory(n, index_dim, config.max_memory)
-        factory, reason, estimated = choice.factory, choice.reason, choice.estimated_bytes
-    else:
-        factory, reason = config.factory, "given with --index"
+    index_config = config if whitener is None else dataclasses.replace(config, whitening=None)
+    index, factory, reason, estimated = check_index_request(index_config, whitener.d_out if whitener else dim, n)
     log.info("index: %s (%s)", factory, reason)
-    index = make_index(factory, index_dim, config.metric)
     if whitener is not None:
         index = wrap_index(whitener, index)  # every shard then whitens its queries itself
-    if config.merge and config.shards > 1 and "HNSW" in factory:
-        raise ValueError("--merge is not possible for HNSW graphs; build with --shards 1 or keep the shards")
     n_train = 0 if index.is_trained else min(config.train_size or fac.training_size(index, n), n)
-    need = fac.min_training_vectors(index)
-    if not index.is_trained and n_train < need:
-        raise ValueError(
-            f"--index {factory!r} needs at least {need} training vectors, but only {n_train} are "
-            f"available ({n} vectors{', --train-size ' + str(config.train_size) if config.train_size else ''}); "
-            "use fewer lists/codes or --index auto"
-        )
     tuning = config.tune and config.nprobe is None and not is_exact(index) and n > TUNE_K + 1
     n_queries = (config.tune_queries or tune_queries_count(n)) if tuning else 0
     train_pos, query_pos = choose_positions(n, n_train, n_queries, config.seed)
@@ -348,11 +405,16 @@ def build_index(
     xt = np.ascontiguousarray(x_wanted[np.isin(wanted, train_pos)])
     in_queries = np.isin(wanted, query_pos)
     xq, q_rows = np.ascontiguousarray(x_wanted[in_queries]), rows_wanted[in_queries]
+    if config.tune_with == "perturbed":
+        # Copies of the held-out vectors, as an edited copy of an image would be: nothing to leave out.
+        xq, q_rows = perturbed_queries(xq, x_wanted, seed=config.seed), np.full(len(q_rows), -1, np.int64)
     del x_wanted
 
-    with timer("train"):
+    with timer("train"), Progress("training the quantiser", len(xt), "vectors", enabled=config.progress,
+                                         blocking=True) as shown:
         train_report = _train(index, xt, config)
         index = train_report.pop("index")
+        shown.update(len(xt))
     del xt
     storage.makedirs(index_dir)
     trained_bytes = faiss.serialize_index(index).tobytes()
@@ -362,11 +424,13 @@ def build_index(
     with timer("add"):
         # Exact neighbours for tuning are found in the space the index compares (whitened if it whitens).
         trained_arg, xq_arg = builders.share(trained_bytes), (builders.share(xq) if len(xq) else None)
+        shown = Progress("adding", n, "vectors", enabled=config.progress)
         results = builders.call("add", [
             (trained_arg, storage.join(index_dir, shard_name(i)), storage.join(index_dir, shard_ids_name(i)),
              merging, xq_arg, TUNE_K + 1, config.metric, whitener is not None)
             for i in range(len(tasks))
-        ])
+        ], done=lambda result: shown.update(result["ntotal"]))
+        shown.close()
     builders.close()
     shard_counts = [r["ntotal"] for r in results]
     if sum(shard_counts) != n:
@@ -409,6 +473,7 @@ def build_index(
         "merged": merging,
         "search": search_info,
         "build": {
+            **(build_record or {}),
             "train": train_report,
             "in_process": in_process,
             "cpus_per_task": cpus,
@@ -484,15 +549,18 @@ def _search_settings(
         shards = ShardGroup(open_shard_files(index_dir, entries, tmp))  # searched as a Searcher would
         result: TuneResult = tune(
             lambda q, k, v: search_shards(shards, q, k, v, config.metric)[1],
-            xq, q_rows, truth, param, values, config.target_recall, TUNE_K,
+            xq, q_rows, truth, param, values, min(1.0, config.target_recall + TUNE_MARGIN), TUNE_K,
         )
         del shards  # release the memory maps before the folder goes
-    if not result.reached:
+    if result.recall < config.target_recall:
         log.warning(
             "recall@%d %.3f: the target %.3f is out of reach for %s (codes too coarse); using %s=%s",
             TUNE_K, result.recall, config.target_recall, type(trained).__name__, result.param, result.value,
         )
-    return result.to_manifest()
+    queries = (f"indexed vectors sampled at random, each moved to cosine {COPY_COSINE} along the "
+               "collection's covariance (like an edited copy)" if config.tune_with == "perturbed"
+               else "indexed vectors sampled at random, their own id left out")
+    return result.to_manifest(queries, target=config.target_recall)
 
 
 def merge_shards(index_dir: str, shard_entries: list[dict], to_fastscan: bool = False) -> dict:
@@ -525,7 +593,10 @@ def merge_shards(index_dir: str, shard_entries: list[dict], to_fastscan: bool = 
 
 
 def _relative_or_absolute(index_dir: str, path: str) -> str:
+    """How the manifest names a folder: relative to the index when it is inside it (the index can
+    then be moved), else absolute (a path relative to the working directory would break as soon
+    as the index is used from elsewhere)."""
     if "://" in path or "://" in index_dir:
         return path
     rel = os.path.relpath(os.path.abspath(path), os.path.abspath(index_dir))
-    return path if rel.startswith("..") else rel
+    return os.path.abspath(path) if rel.startswith("..") else rel

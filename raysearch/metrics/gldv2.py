@@ -3,7 +3,10 @@
 Ground truth (`retrieval_solution_v2.1.csv`, cvdfoundation/google-landmark): a header, then rows
 `id,images,Usage`: a test image id, the space-separated ids of the index images that show its
 landmark, and Usage "Public" or "Private" (the challenge's two leaderboards). Rows with Usage
-"Ignored" (their images column reads "None") are not scored: no prediction for them counts.
+"Ignored" are not scored: no prediction for them counts. As in the challenge's reader
+(`dataset_file_io.py`), a scored row's images field is split on single spaces: a Public or Private
+row whose field is "None" or empty keeps that one token as its ground truth, so it scores AP 0 and
+stays in the denominator, and a repeated id counts twice in |G_q|.
 
 Metrics, as the challenge's scoring code computes them (tensorflow/models, DELF's
 `google_landmarks_dataset/metrics.py`), for each subset separately:
@@ -17,7 +20,12 @@ Metrics, as the challenge's scoring code computes them (tensorflow/models, DELF'
     position  the mean and median rank of the first correct prediction (101 when none in the top 100).
 
 Predictions are written in the challenge's submission format: `id,images` with the top 100 index
-ids space-separated.
+ids space-separated; read back as the challenge reads them (split on single spaces, one trailing
+empty token dropped, an empty field = no prediction).
+
+Where raysearch is stricter than the challenge's code it says so: a test image listed twice in the
+solution is refused (the challenge's reader keeps the last row), and predictions for test images
+the solution does not list are reported and left out (the challenge's scorer refuses the file).
 """
 
 from __future__ import annotations
@@ -49,6 +57,7 @@ class RetrievalSolution:
     ignored: list[str]
 
     def subset(self, usage: str) -> dict[str, list[str]]:
+        """Test id -> ground-truth index ids of "Public", "Private" or "All" (both); ValueError otherwise."""
         if usage == "Public":
             return self.public
         if usage == "Private":
@@ -58,6 +67,7 @@ class RetrievalSolution:
         raise ValueError(f"usage must be Public, Private or All, got {usage!r}")
 
     def scored_ids(self) -> set[str]:
+        """The ids of every scored test image, Public and Private."""
         return set(self.public) | set(self.private)
 
 
@@ -80,16 +90,17 @@ def read_retrieval_solution(uri: str) -> RetrievalSolution:
             continue
         if len(row) < 3:
             raise ValueError(f"{uri}, line {line_no}: expected id,images,Usage, got {row}")
-        test_id, images, usage = row[0].strip(), row[1].strip(), row[2].strip()
-        if usage == "Ignored" or images in ("", "None"):
+        test_id, images, usage = row[0].strip(), row[1], row[2].strip()
+        if usage == "Ignored":
             ignored.append(test_id)
             continue
         if usage not in USAGES:
             raise ValueError(f"{uri}, line {line_no}: test image {test_id} has unknown Usage {usage!r}")
         target = public if usage == "Public" else private
         if test_id in public or test_id in private:
-            raise ValueError(f"{uri}, line {line_no}: test image {test_id} is listed twice")
-        target[test_id] = images.split()
+            raise ValueError(f"{uri}, line {line_no}: test image {test_id} is listed twice "
+                             "(the challenge's reader would keep the last row; raysearch refuses the file)")
+        target[test_id] = images.split(" ")
     if not public and not private:
         raise ValueError(f"{uri} scores no test image (every row is ignored)")
     return RetrievalSolution(public, private, ignored)
@@ -115,8 +126,17 @@ def read_retrieval_predictions(uri: str) -> dict[str, list[str]]:
             continue
         if row[0] in out:
             raise ValueError(f"{uri}: test image {row[0]} is repeated")
-        out[row[0]] = row[1].split() if len(row) > 1 else []
+        out[row[0]] = split_prediction(row[1] if len(row) > 1 else "")
     return out
+
+
+def split_prediction(images: str) -> list[str]:
+    """A submission's images field as the challenge splits it: on single spaces, one trailing
+    empty token dropped; an empty field is no prediction."""
+    if not images:
+        return []
+    tokens = images.split(" ")
+    return tokens[:-1] if not tokens[-1] else tokens
 
 
 # ---------------------------------------------------------------------------------------------
@@ -125,7 +145,9 @@ def read_retrieval_predictions(uri: str) -> dict[str, list[str]]:
 
 
 def average_precision(ranked: list[str], relevant: set[str] | list[str], max_predictions: int = MAX_PREDICTIONS) -> float:
-    """AP@max_predictions of one ranking (see the module docstring). `relevant` must be non-empty."""
+    """AP@max_predictions of one ranking (see the module docstring). `relevant` must be non-empty;
+    its length, repeats included, is |G_q|."""
+    size = len(relevant)
     relevant = set(relevant)
     if not relevant:
         raise ValueError("a scored test image needs at least one ground-truth index image")
@@ -139,7 +161,7 @@ def average_precision(ranked: list[str], relevant: set[str] | list[str], max_pre
         if image_id in relevant:
             correct += 1
             total += correct / (i + 1)
-    return total / min(len(relevant), max_predictions)
+    return total / min(size, max_predictions)
 
 
 def precisions_at(ranked: list[str], relevant: set[str] | list[str], max_predictions: int = MAX_PREDICTIONS) -> np.ndarray:
@@ -165,6 +187,9 @@ def first_correct_position(ranked: list[str], relevant: set[str] | list[str], ma
 
 @dataclass
 class RetrievalMetrics:
+    """The challenge's metrics over one subset: mAP@100, mP@k by k, and the mean and median
+    1-based position of the first correct prediction (101 when none is in the top 100)."""
+
     n_queries: int                   # scored test images of the subset
     n_predicted: int                 # of which some prediction was made
     map_at_100: float
@@ -173,9 +198,17 @@ class RetrievalMetrics:
     median_position: float
 
     def summary(self) -> dict:
+        """The metrics as a JSON-ready dict ("map@100", "mP@<k>", positions and counts)."""
         return {"n_queries": self.n_queries, "n_predicted": self.n_predicted, "map@100": self.map_at_100,
                 **{f"mP@{k}": v for k, v in self.precision_at.items()},
                 "mean_position": self.mean_position, "median_position": self.median_position}
+
+
+def unscored_predictions(predictions: dict[str, list[str]], solution: RetrievalSolution) -> list[str]:
+    """Predicted test ids the solution does not list at all (neither scored nor ignored), sorted:
+    the challenge's scorer refuses a file holding them; raysearch leaves them out and reports them."""
+    known = solution.scored_ids() | set(solution.ignored)
+    return sorted(q for q in predictions if q not in known)
 
 
 def retrieval_metrics(predictions: dict[str, list[str]], solution: dict[str, list[str]],

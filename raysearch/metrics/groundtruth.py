@@ -79,6 +79,7 @@ class CopyGroundTruth:
 
     @property
     def n_matching_queries(self) -> int:
+        """How many listed queries have at least one matching reference."""
         return len({q for q, _ in self.pairs})
 
     def keyed(self) -> "CopyGroundTruth":
@@ -148,15 +149,21 @@ def read_labels(uri: str) -> dict[str, set[str]]:
 # Revisited Oxford / Paris
 # ---------------------------------------------------------------------------------------------
 
+# What pickles of lists, dicts and numpy arrays name, at every protocol revisitop's loader reads
+# (2-5): numpy's array and scalar reconstructors and, at protocol 2, `_codecs.encode` and `bytes`,
+# which turn the latin-1 text that protocol uses for bytes back into bytes. Nothing else is loaded.
 _NUMPY_GLOBALS = {
     ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
     ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
     ("numpy", "ndarray"), ("numpy", "dtype"),
     ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
+    ("_codecs", "encode"), ("__builtin__", "bytes"), ("builtins", "bytes"),
 }
 
 
 class _DataOnlyUnpickler(pickle.Unpickler):
+    """Loads plain data and numpy arrays only; any other global is refused by name."""
+
     def find_class(self, module: str, name: str):
         if (module, name) in _NUMPY_GLOBALS:
             return super().find_class(module, name)
@@ -165,6 +172,9 @@ class _DataOnlyUnpickler(pickle.Unpickler):
 
 @dataclass
 class RevisitedQuery:
+    """One query of a Revisited Oxford / Paris ground truth: its qimlist name, bounding box (None
+    when the file gives none) and its easy, hard and junk images as (n,) int64 imlist indices."""
+
     name: str
     bbx: tuple[float, float, float, float] | None   # (x1, y1, x2, y2) in the query image
     easy: np.ndarray
@@ -172,11 +182,15 @@ class RevisitedQuery:
     junk: np.ndarray
 
     def as_dict(self) -> dict:
+        """{"easy", "hard", "junk"}: the per-query ground truth dict `revisited_metrics` reads."""
         return {"easy": self.easy, "hard": self.hard, "junk": self.junk}
 
 
 @dataclass
 class RevisitedGroundTruth:
+    """A Revisited Oxford / Paris ground truth: imlist (database image names, in the order the
+    queries' indices refer to) and the queries, in qimlist order."""
+
     imlist: list[str]
     queries: list[RevisitedQuery]
 

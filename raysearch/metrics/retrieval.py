@@ -65,6 +65,9 @@ class Predictions:
 
 @dataclass
 class CopyDetectionMetrics:
+    """ISC2021 copy detection metrics (see the module docstring); precisions, recalls and
+    thresholds are the (n_predictions,) curve they were read from, in order of increasing recall."""
+
     average_precision: float          # micro-AP
     recall_at_p90: float | None       # None when precision never reaches 0.9
     threshold_at_p90: float | None
@@ -77,6 +80,7 @@ class CopyDetectionMetrics:
     thresholds: np.ndarray = field(repr=False, default_factory=lambda: np.zeros(0))
 
     def summary(self) -> dict:
+        """The metrics as a JSON-ready dict, without the precision-recall curve."""
         return {
             "micro_ap": self.average_precision,
             "recall_at_p90": self.recall_at_p90,
@@ -228,6 +232,7 @@ class LandmarkMetrics:
     n_queries: dict[str, int]
 
     def summary(self) -> dict:
+        """Protocol -> {"map", "mp_at" (k -> mP@k), "n_queries"}, JSON-ready; without the per-query APs."""
         return {
             p: {"map": self.map[p], "mp_at": {str(k): v for k, v in self.mean_precision_at[p].items()},
                 "n_queries": self.n_queries[p]}
@@ -308,9 +313,9 @@ CMC_FRACTIONS = (0.01, 0.05, 0.10)
 
 
 def first_match_ranks(result_ids: np.ndarray, result_scores: np.ndarray, correct: Sequence[set]) -> np.ndarray:
-    """1-based rank of the first correct result per query, ties counted against: the number of
-    returned results scoring at least as high as the best-scoring correct one. NOT_FOUND where no
-    correct result was returned.
+    """1-based rank of the first correct result per query, ties counted against: 1 + the number
+    of wrong results scoring at least as high as the best-scoring correct one (other correct
+    results never push it down). NOT_FOUND where no correct result was returned.
 
     result_ids: (nq, k) object array (None = no result); result_scores: (nq, k); correct: per
     query, the set of correct reference ids.
@@ -325,7 +330,7 @@ def first_match_ranks(result_ids: np.ndarray, result_scores: np.ndarray, correct
         if not hit.any():
             continue
         best = scores[hit].max()
-        ranks[i] = int((present & (scores >= best)).sum())
+        ranks[i] = 1 + int((present & ~hit & (scores >= best)).sum())
     return ranks
 
 
@@ -336,6 +341,9 @@ def collection_rank(fraction: float, n_collection: int) -> int:
 
 @dataclass
 class CmcMetrics:
+    """CMC: the share of queries whose first correct result ranks at or above each rank
+    (at_rank) and each fraction of the collection (at_fraction, reached at fraction_ranks)."""
+
     at_rank: dict[int, float | None]             # None where the evaluation did not rank that deep
     at_fraction: dict[float, float | None]
     fraction_ranks: dict[float, int]
@@ -344,6 +352,7 @@ class CmcMetrics:
     depth: int                                    # results per query that were ranked
 
     def summary(self) -> dict:
+        """The metrics as a JSON-ready dict; fractions are written as percentages ("5%")."""
         return {
             "cmc_at_rank": {str(k): v for k, v in self.at_rank.items()},
             "cmc_at_fraction": {f"{100 * f:g}%": v for f, v in self.at_fraction.items()},

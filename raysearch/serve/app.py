@@ -174,17 +174,14 @@ def start_service(config: ServeConfig, address: str | None = None, direct_ingres
     this call starts is started with it enabled; a running cluster must have been started with
     RAY_SERVE_ENABLE_DIRECT_INGRESS=1, else this raises (and removes the application it deployed).
     """
-    import ray
     from ray import serve
 
-    from raysearch.runtime import ensure_ray
-
-    if direct_ingress and not ray.is_initialized() and not (address or os.environ.get("RAY_ADDRESS")):
-        enable_direct_ingress_env()
-    ensure_ray(address)
-    serve.start(http_options={"host": config.host, "port": config.port})
+    prepare_ray(address, direct_ingress)
+    logging_config = serve_logging()
+    serve.start(http_options={"host": config.host, "port": config.port}, logging_config=logging_config)
     _check_http_address(config)
-    handle = serve.run(build_app(config), name=config.app_name, route_prefix=config.route_prefix)
+    handle = serve.run(build_app(config), name=config.app_name, route_prefix=config.route_prefix,
+                       logging_config=logging_config)
     if direct_ingress and not direct_urls(config):
         serve.delete(config.app_name)
         raise ValueError(
@@ -193,6 +190,44 @@ def start_service(config: ServeConfig, address: str | None = None, direct_ingres
             "or serve without --direct-ingress"
         )
     return handle
+
+
+def prepare_ray(address: str | None = None, direct_ingress: bool = False) -> None:
+    """Start (or join) the Ray a service runs on; a Ray started here gets Serve's direct ingress
+    enabled when it is asked for (Serve reads that setting when Ray starts)."""
+    import ray
+
+    from raysearch.runtime import ensure_ray
+
+    if direct_ingress and not ray.is_initialized() and not (address or os.environ.get("RAY_ADDRESS")):
+        enable_direct_ingress_env()
+    ensure_ray(address)
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Raise ValueError when something already listens on host:port (before any of Ray or Serve
+    starts, so a busy port costs one line, not a failed deployment)."""
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        # As the HTTP server will bind: a port left in TIME_WAIT by a service just stopped is free.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as e:
+            raise ValueError(f"cannot listen on {host}:{port}: {e.strerror or e} (another service uses it? "
+                             "choose another --port)") from None
+
+
+def serve_logging() -> dict:
+    """Serve's logging for a raysearch service: its INFO lines (replicas starting and stopping,
+    one access line per request) only when raysearch logs verbosely (-v); warnings and errors
+    always. Access logs stay in the session's logs/serve folder either way."""
+    verbose = logging.getLogger("raysearch").isEnabledFor(logging.INFO)
+    if not verbose:
+        logging.getLogger("ray.serve").setLevel(logging.WARNING)
+    return {"log_level": "INFO" if verbose else "WARNING", "enable_access_log": verbose}
 
 
 # Ray Serve reads these when its controller and replicas start (so: before Ray starts).

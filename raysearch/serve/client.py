@@ -40,8 +40,11 @@ class QueryAnswer:
 
 
 def base_url(url: str) -> str:
-    """Accept the service root or its /search endpoint."""
-    url = url.rstrip("/")
+    """Accept the service root or its /search endpoint, with or without a scheme
+    ('127.0.0.1:8000' means http://127.0.0.1:8000)."""
+    url = url.strip().rstrip("/")
+    if "://" not in url:
+        url = "http://" + url
     return url[: -len("/search")] if url.endswith("/search") else url
 
 

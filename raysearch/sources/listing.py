@@ -21,6 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from raysearch import storage
+from raysearch.progress import Progress
 from raysearch.sources.base import ImageSource
 
 GROUP_ROWS = 64
@@ -98,11 +99,13 @@ def _rebatch(batches: Iterator[pa.Table], rows: int) -> Iterator[pa.Table]:
 
 
 def write_listing(
-    source: ImageSource, listing_dir: str, part_rows: int = PART_ROWS, first_row: int = 0
+    source: ImageSource, listing_dir: str, part_rows: int = PART_ROWS, first_row: int = 0,
+    progress: bool = False,
 ) -> Listing:
     """Stream `source` into Parquet parts under `listing_dir`; return where every row went.
 
     Rows are numbered from `first_row` (an index that grows numbers new images after its last id).
+    `progress` shows the rows listed so far (a bucket of millions of files takes a while).
     """
     if part_rows % GROUP_ROWS:
         raise ValueError(f"part_rows must be a multiple of {GROUP_ROWS}, got {part_rows}")
@@ -110,6 +113,7 @@ def write_listing(
     parts: list[ListingPart] = []
     hashes: list[np.ndarray] = []
     row = first_row
+    shown = Progress("listing", None, "images", enabled=progress)
     for i, tbl in enumerate(_rebatch(source.iter_batches(), part_rows)):
         n = tbl.num_rows
         out = pa.table(
@@ -126,6 +130,8 @@ def write_listing(
         hashes.append(_hash_ids(tbl.column("image_id").combine_chunks()))
         parts.append(ListingPart(uri, row, n))
         row += n
+        shown.update(n)
+    shown.close()
     n_dup = _mark_duplicates(parts, np.concatenate(hashes) if hashes else np.empty(0, np.uint64))
     return Listing(parts=tuple(parts), n_rows=row - first_row, n_duplicates=n_dup, first_row=first_row)
 

@@ -189,7 +189,7 @@ def test_activate_cli_with_the_rank_loss(pq_index, to_activate, tmp_path):
     out = tmp_path / "rank"
     res = CliRunner().invoke(app, ["activate", pq_index, to_activate, "--out", str(out), "--no-progress",
                                    "--loss", "rank", "--competitors", "3", "--tau", "0.1", "--iterations", "2",
-                                   "--max-error-rate", "0.5"])
+                                   "--max-error-rate", "0.5", "--psnr", "0", "--lr", "1.0", "--augment", "0"])
     assert res.exit_code == 0, res.output
     assert "activated 5 of 6 images (1 errors)" in res.output
     report = read_report(str(out)).to_pylist()
@@ -199,6 +199,21 @@ def test_activate_cli_with_the_rank_loss(pq_index, to_activate, tmp_path):
     bad = CliRunner().invoke(app, ["activate", pq_index, to_activate, "--out", str(tmp_path / "bad"),
                                    "--loss", "rank", "--target", "ivf"])
     assert bad.exit_code == 2 and "needs --target pq" in bad.output
+
+
+def test_activate_defaults_suit_the_model_and_keep_every_image_above_40_db(pq_index, to_activate, tmp_path):
+    """No option given: for the built-in model the rank loss (it measured best with it) and a
+    PSNR floor of 40 dB for every image; the summary says what was used."""
+    import json
+
+    out = tmp_path / "defaults"
+    res = CliRunner().invoke(app, ["activate", pq_index, to_activate, "--out", str(out), "--no-progress",
+                                   "--iterations", "2", "--max-error-rate", "0.5"])
+    assert res.exit_code == 0, res.output
+    assert "loss rank (lr 0.5, 3 edited views), floor 40 dB" in res.output
+    used = json.loads((out / "activate.json").read_text())["settings"]
+    assert (used["loss"], used["lr"], used["augment"], used["psnr"]) == ("rank", 0.5, 3, 40.0)
+    assert min(r["psnr"] for r in read_report(str(out)).to_pylist()) >= 40.0
 
 
 def test_edited_copies_of_rank_activated_images_are_found_first_more_often(pq_index, photo_folder, tmp_path):

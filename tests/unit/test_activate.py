@@ -262,7 +262,7 @@ def test_the_cosine_loss_with_the_built_in_model_is_warned_about():
     from raysearch.models.names import DEFAULT_MODEL
 
     built_in = SimpleNamespace(name=DEFAULT_MODEL, weights=None)
-    advice = loss_advice(built_in, ActivateConfig())
+    advice = loss_advice(built_in, ActivateConfig(loss="cosine"))
     assert advice is not None and "--loss rank" in advice and "raysearch eval activation" in advice
     assert loss_advice(built_in, ActivateConfig(loss="rank")) is None
     assert loss_advice(SimpleNamespace(name="torchscript:/models/sscd.pt", weights=None), ActivateConfig()) is None
@@ -308,3 +308,28 @@ def test_a_batch_over_the_pixel_budget_is_activated_group_by_group(tiny_setup):
                                competitors=competitors[group])
         for i, r in zip(group, alone):
             assert np.array_equal(out[i].pixels, r.pixels) and out[i].psnr == r.psnr >= 42.0
+
+
+def test_the_defaults_follow_the_index_model_and_keep_a_psnr_floor():
+    """With the built-in model the default is the loss that measured best with it (rank, lr 0.5, 3
+    views) and a 40 dB floor; an edit-invariant model gets the published cosine loss; a loss asked
+    for by name comes with its own step size and views."""
+    from types import SimpleNamespace
+
+    from raysearch.activate.pipeline import ActivatePipelineConfig
+    from raysearch.models.names import DEFAULT_MODEL
+
+    built_in = SimpleNamespace(name=DEFAULT_MODEL, weights=None)
+    sscd = SimpleNamespace(name="torchscript:/models/sscd.pt", weights=None)
+    s = ActivatePipelineConfig().settings(built_in)
+    assert (s.loss, s.lr, s.augment, s.psnr, s.target) == ("rank", 0.5, 3, 40.0, "pq")
+    s = ActivatePipelineConfig().settings(sscd)
+    assert (s.loss, s.lr, s.augment, s.psnr) == ("cosine", 1.0, 0, 40.0)
+    s = ActivatePipelineConfig(options=(("loss", "cosine"),)).settings(built_in)
+    assert (s.loss, s.lr, s.augment) == ("cosine", 1.0, 0)
+    s = ActivatePipelineConfig(options=(("target", "ivf"),)).settings(built_in)
+    assert (s.loss, s.target) == ("cosine", "ivf")                   # rank needs PQ codes
+    s = ActivatePipelineConfig(options=(("psnr", None), ("lr", 2.0))).settings(built_in)
+    assert s.psnr is None and s.lr == 2.0 and s.loss == "rank"
+    explicit = ActivateConfig(iterations=3)
+    assert ActivatePipelineConfig(activate=explicit).settings(built_in) is explicit

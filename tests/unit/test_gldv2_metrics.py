@@ -12,6 +12,7 @@ from raysearch.metrics.gldv2 import (
     read_retrieval_predictions,
     read_retrieval_solution,
     retrieval_metrics,
+    unscored_predictions,
     write_retrieval_predictions,
 )
 
@@ -66,10 +67,11 @@ def test_solution_reader_splits_public_private_and_ignored(tmp_path):
                     "t4,None,Private\n")
     sol = read_retrieval_solution(str(path))
     assert sol.public == {"t1": ["a", "b"]}
-    assert sol.private == {"t3": ["c"]}
-    assert sol.ignored == ["t2", "t4"]
-    assert sol.subset("All") == {"t1": ["a", "b"], "t3": ["c"]}
-    assert sol.scored_ids() == {"t1", "t3"}
+    # Only Usage "Ignored" is left out: a scored row reading "None" keeps it as its ground truth.
+    assert sol.private == {"t3": ["c"], "t4": ["None"]}
+    assert sol.ignored == ["t2"]
+    assert sol.subset("All") == {"t1": ["a", "b"], "t3": ["c"], "t4": ["None"]}
+    assert sol.scored_ids() == {"t1", "t3", "t4"}
 
     path.write_text("id,images,Usage\nt1,a,Secret\n")
     with pytest.raises(ValueError, match="line 2: test image t1 has unknown Usage 'Secret'"):
@@ -94,3 +96,47 @@ def test_predictions_round_trip_in_the_submission_format(tmp_path):
 def test_gldv2_key_keeps_hex_ids_as_they_are():
     assert gldv2_key("0/1/2/0123456789012345") == "0123456789012345"
     assert gldv2_key("abcdef0123456789.jpg") == "abcdef0123456789"
+
+
+# The challenge's scoring code (tensorflow/models, delf/python/datasets/google_landmarks_dataset:
+# dataset_file_io.ReadSolution / ReadPredictions and metrics.MeanAveragePrecision), worked by hand on
+# the edge cases where a reader could differ from it.
+
+def _solution(tmp_path, rows: str):
+    path = tmp_path / "retrieval_solution_v2.1.csv"
+    path.write_text("id,images,Usage\n" + rows)
+    return read_retrieval_solution(str(path))
+
+
+def test_a_scored_row_without_images_scores_ap_zero_and_stays_in_the_denominator(tmp_path):
+    # Reference: "t2,None,Public" -> ground truth ['None']; mAP = (1 + 0) / 2.
+    sol = _solution(tmp_path, "t1,a,Public\nt2,None,Public\n")
+    m = retrieval_metrics({"t1": ["a"], "t2": ["a"]}, sol.subset("Public"))
+    assert m.n_queries == 2 and m.map_at_100 == pytest.approx(0.5)
+    # An empty images field is one empty token for the reference as well.
+    sol = _solution(tmp_path, "t1,a,Public\nt2,,Private\n")
+    assert sol.private == {"t2": [""]}
+    assert retrieval_metrics({"t1": ["a"]}, sol.subset("All")).map_at_100 == pytest.approx(0.5)
+
+
+def test_repeated_ground_truth_ids_count_in_its_length(tmp_path):
+    # Reference: num_expected_retrieved = min(len(['a', 'a']), 100) = 2 -> AP = 1 / 2.
+    sol = _solution(tmp_path, "t1,a a,Public\n")
+    assert sol.public == {"t1": ["a", "a"]}
+    assert retrieval_metrics({"t1": ["a"]}, sol.public).map_at_100 == pytest.approx(0.5)
+
+
+def test_predictions_are_split_as_the_challenge_splits_them(tmp_path):
+    uri = tmp_path / "predictions.csv"
+    uri.write_text("id,images\nt1,a  b\nt2,a b \nt3,\n")
+    back = read_retrieval_predictions(str(uri))
+    # Two spaces leave an empty token that takes rank 2; one trailing empty token is dropped.
+    assert back == {"t1": ["a", "", "b"], "t2": ["a", "b"], "t3": []}
+    assert average_precision(back["t1"], ["a", "b"]) == pytest.approx((1 / 1 + 2 / 3) / 2)
+
+
+def test_where_raysearch_is_stricter_it_says_so(tmp_path):
+    with pytest.raises(ValueError, match="listed twice .*challenge's reader would keep the last row"):
+        _solution(tmp_path, "t1,a,Public\nt1,b,Private\n")
+    sol = _solution(tmp_path, "t1,a,Public\nt2,b,Ignored\n")
+    assert unscored_predictions({"t1": ["a"], "t2": ["b"], "t9": ["c"]}, sol) == ["t9"]

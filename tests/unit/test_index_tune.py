@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from raysearch.index.synthetic import ClusteredVectors
-from raysearch.index.tune import drop_self, recall_at_k, search_param, tune, tune_queries_count
+from raysearch.index.tune import drop_self, perturbed_queries, recall_at_k, search_param, tune, tune_queries_count
 
 
 def test_recall_at_k_counts_true_neighbours_found():
@@ -82,3 +82,39 @@ def test_unreachable_target_keeps_the_best_recall(ivf):
     assert not result.reached
     assert result.value == 4
     assert result.recall == max(p.recall for p in result.curve)
+
+
+def test_perturbed_queries_sit_at_the_copy_cosine_and_follow_the_data():
+    rng = np.random.default_rng(0)
+    xb = ClusteredVectors(32, 20, seed=1).rows(0, 2000)
+    q = perturbed_queries(xb[:100], xb, cosine=0.85, seed=3)
+    np.testing.assert_allclose((q * xb[:100]).sum(axis=1), 0.85, atol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(q, axis=1), 1.0, atol=1e-5)
+    # The moves follow the collection's covariance: their energy sits where the data varies most.
+    top = np.linalg.svd(xb - xb.mean(0), full_matrices=False)[2][:4]
+    moved, isotropic = q - xb[:100], rng.standard_normal((100, 32))
+    share = lambda e: float((np.linalg.norm(e @ top.T, axis=1) / np.linalg.norm(e, axis=1)).mean())
+    assert share(moved) > 1.5 * share(isotropic)   # 0.60 against 0.34 for isotropic noise
+    np.testing.assert_array_equal(perturbed_queries(xb[:3], xb[:1]), xb[:3])   # no covariance: unchanged
+
+
+@pytest.mark.slow
+def test_tuned_recall_holds_for_queries_that_are_not_indexed_vectors(tmp_path):
+    """Queries that are copies of indexed vectors, not the vectors themselves (as edited copies of
+    images are), reach the target recall within 0.01 at the tuned nprobe."""
+    from raysearch.formats.embeddings import write_embeddings
+    from raysearch.index.build import IndexConfig, build_index
+    from raysearch.index.exact import exact_knn
+    from raysearch.search import Searcher
+
+    n = 20_000
+    xb = ClusteredVectors(64, 200, seed=5, spread=0.5).rows(0, n)
+    rng = np.random.default_rng(99)   # other queries than the build's own tuning queries
+    xq = perturbed_queries(xb[rng.choice(n, 500, replace=False)], xb[rng.choice(n, 2000, replace=False)], seed=123)
+    _, truth = exact_knn(xq, [(xb, np.arange(n))], 10)
+    write_embeddings(str(tmp_path / "emb"), xb, part_rows=5000)
+    manifest = build_index(str(tmp_path / "emb"), str(tmp_path / "index"), IndexConfig(factory="IVF128,Flat"))
+    assert manifest["search"]["target_recall"] == 0.95 and manifest["search"]["tuned_to"] == pytest.approx(0.96)
+    assert "cosine" in manifest["search"]["queries"]
+    found = Searcher(str(tmp_path / "index")).search(xq, 10).ids
+    assert recall_at_k(found, truth) >= 0.95 - 0.01

@@ -17,7 +17,7 @@ PACKAGE = Path(__file__).resolve().parents[2] / "raysearch"
 # Module-name prefixes by floor, bottom first; the longest matching prefix decides.
 FLOORS: dict[int, tuple[str, ...]] = {
     1: ("raysearch.version", "raysearch.storage", "raysearch.runtime", "raysearch.errors", "raysearch.images",
-        "raysearch.samples", "raysearch.metrics"),
+        "raysearch.samples", "raysearch.progress", "raysearch.metrics"),
     2: ("raysearch.sources", "raysearch.models", "raysearch.edits"),
     3: ("raysearch.formats", "raysearch.datasets"),
     4: ("raysearch.embed", "raysearch.index"),

@@ -23,6 +23,13 @@ def test_first_match_rank_counts_ties_against_the_query():
     assert first_match_ranks(ids, scores, [{"z"}]).tolist() == [NOT_FOUND]
 
 
+def test_other_correct_results_do_not_push_the_first_match_down():
+    # Results a=0.9, b=0.9, both correct: the first match is at rank 1 (CMC@1 = 1).
+    ids = _ids([["a", "b", "c"], ["x", "a", "b"]])
+    scores = np.array([[0.9, 0.9, 0.1], [0.9, 0.9, 0.9]])
+    assert first_match_ranks(ids, scores, [{"a", "b"}, {"a", "b"}]).tolist() == [1, 2]
+
+
 def test_missing_results_are_not_counted():
     ids = _ids([["a", None, None]])
     scores = np.array([[0.5, np.nan, np.nan]])

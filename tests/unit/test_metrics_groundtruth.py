@@ -98,6 +98,24 @@ def test_revisited_ground_truth_pickle(tmp_path):
     assert q.easy.tolist() == [0] and q.hard.tolist() == [2] and q.junk.tolist() == [1]
 
 
+@pytest.mark.parametrize("protocol", [2, 3, 4, 5])
+@pytest.mark.parametrize("arrays", [True, False])
+def test_revisited_ground_truth_reads_every_protocol_revisitop_reads(tmp_path, protocol, arrays):
+    as_ = (lambda v, dt=np.int64: np.array(v, dtype=dt)) if arrays else (lambda v, dt=None: list(v))
+    cfg = {
+        "imlist": ["a", "b", "c"], "qimlist": ["q1", "q2"],
+        "gnd": [{"bbx": as_([1.5, 2.0, 30.0, 40.25], np.float64), "easy": as_([0]), "hard": as_([2]), "junk": as_([])},
+                {"bbx": as_([0, 0, 5, 5], np.float64), "easy": as_([1, 2]), "hard": as_([]), "junk": as_([0])}],
+    }
+    path = str(tmp_path / "gnd.pkl")
+    with open(path, "wb") as f:
+        pickle.dump(cfg, f, protocol=protocol)
+    gt = read_revisited_ground_truth(path)
+    assert [q.name for q in gt.queries] == ["q1", "q2"] and gt.queries[0].bbx == (1.5, 2.0, 30.0, 40.25)
+    assert gt.queries[1].easy.tolist() == [1, 2] and gt.queries[1].junk.tolist() == [0]
+    assert gt.queries[0].junk.tolist() == []
+
+
 def test_revisited_ground_truth_rejects_out_of_range_indices(tmp_path):
     cfg = {"imlist": ["a"], "qimlist": ["q"], "gnd": [{"easy": [3], "hard": [], "junk": []}]}
     with pytest.raises(ValueError, match="outside"):
