@@ -107,8 +107,16 @@ def edit_invariant(spec: ModelSpec) -> bool:
     """Whether the index's model is trained to be invariant to edits (a copy-detection descriptor):
     a TorchScript model the user brings (e.g. SSCD) or one `raysearch train --objective copy` made."""
     from raysearch.models.names import TORCHSCRIPT_PREFIX
+    from raysearch.models.trained import is_trained_spec, model_dir_of, read_model_json
 
-    return spec.name.startswith(TORCHSCRIPT_PREFIX) or getattr(spec, "objective", None) == "copy"
+    if spec.name.startswith(TORCHSCRIPT_PREFIX):
+        return True
+    if is_trained_spec(spec):
+        try:
+            return read_model_json(model_dir_of(spec.name)).get("objective") == "copy"
+        except ValueError:   # the directory moved: judge by nothing rather than fail the activation
+            return False
+    return False
 
 
 def recommended_activation(spec: ModelSpec, target: str = "pq") -> ActivateConfig:

@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from raysearch.images import RESIZE_POLICIES
-from raysearch.models import backbones
+from raysearch.models import backbones, trained
 from raysearch.models.names import DEFAULT_MODEL, TORCHSCRIPT_PREFIX  # noqa: F401 - re-exported
 from raysearch.models.spec import IMAGENET_MEAN, IMAGENET_STD, ModelConfig, ModelSpec
 from raysearch.models.pooling import POOLINGS, pool
@@ -110,6 +110,9 @@ def resolve_model(config: ModelConfig) -> ModelSpec:
             raise ValueError(f"TorchScript model {path} must return (batch, dim) vectors, got shape {tuple(out.shape)}")
         return dataclasses.replace(partial, dim=int(out.shape[1]))
 
+    if config.name not in _REGISTRY and trained.is_model_dir_name(config.name):
+        # A model directory written by `raysearch train` (model.json + its TorchScript file).
+        return trained.resolve_trained_model(config)
     entry = _REGISTRY.get(config.name)
     if entry is None:
         names = ", ".join(sorted(_REGISTRY)) + f", {TORCHSCRIPT_PREFIX}PATH"
@@ -185,7 +188,9 @@ class EmbeddingModel(nn.Module):
 
 def build_model(spec: ModelSpec, device: str | torch.device = "cpu") -> EmbeddingModel:
     """Instantiate the network for `spec`, in eval mode on `device`."""
-    if spec.name.startswith(TORCHSCRIPT_PREFIX):
+    if trained.is_trained_spec(spec):
+        model = EmbeddingModel(spec, trained.load_trained_torchscript(spec), pools_itself=True)
+    elif spec.name.startswith(TORCHSCRIPT_PREFIX):
         trunk: nn.Module = load_torchscript(spec.name[len(TORCHSCRIPT_PREFIX):])
         model = EmbeddingModel(spec, trunk, pools_itself=True)
     else:

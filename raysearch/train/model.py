@@ -1,0 +1,195 @@
+"""The network being trained: a registry backbone (or a TorchScript one) cut into blocks, GeM pooling,
+an optional linear projection and L2 normalisation.
+
+`DescriptorNet` maps a normalised batch (B, 3, S, S) float to (B, d) unit vectors. Its first
+`n_frozen` blocks take no gradient and run in eval mode (BatchNorm keeps its ImageNet statistics),
+which on a CPU is what makes fine-tuning affordable. `export_torchscript` writes the same function
+as a TorchScript file, the form `raysearch build --model MODEL_DIR` loads.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import warnings
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from raysearch.models.pooling import gem
+from raysearch.models.registry import TORCHSCRIPT_PREFIX, build_model, resolve_model
+from raysearch.models.spec import IMAGENET_MEAN, IMAGENET_STD, ModelConfig
+
+
+@dataclass(frozen=True)
+class InitModel:
+    """What training starts from, as recorded in model.json."""
+
+    name: str
+    weights: str | None
+    weights_sha256: str | None
+    input_size: int
+    resize: str
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+
+def backbone_blocks(trunk: nn.Module) -> list[nn.Module]:
+    """The trunk of a registry model as the ordered blocks that `train_blocks` counts from the end.
+
+    EfficientNet-Lite0: stem, its 16 inverted-residual blocks, head conv (18 blocks). ResNet:
+    stem (conv1, bn1, relu, maxpool), then every bottleneck of layer1..layer4 (17 for ResNet-50).
+    Anything else is one block.
+    """
+    if all(hasattr(trunk, a) for a in ("stem", "blocks", "head")) and isinstance(trunk.blocks, nn.Sequential):
+        return [trunk.stem, *trunk.blocks, trunk.head]
+    body = getattr(trunk, "body", None)
+    if isinstance(body, nn.Sequential) and len(body) == 8:
+        return [nn.Sequential(*body[:4]), *body[4], *body[5], *body[6], *body[7]]
+    return [trunk]
+
+
+class _Descriptor(nn.Module):
+    """The exported function: blocks -> GeM (unless the trunk pools itself) -> projection -> L2."""
+
+    def __init__(self, trunk: nn.Sequential, projection: nn.Module, gem_p: float, pools_itself: bool):
+        super().__init__()
+        self.trunk = trunk
+        self.projection = projection
+        self.gem_p = gem_p
+        self.pools_itself = pools_itself
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        f = self.trunk(x)
+        if not self.pools_itself:
+            f = gem(f, self.gem_p)
+        return F.normalize(self.projection(f), dim=-1)
+
+
+class DescriptorNet(nn.Module):
+    """Normalised images (B, 3, S, S) -> unit descriptors (B, dim); blocks [:n_frozen] frozen."""
+
+    def __init__(self, blocks: list[nn.Module], n_frozen: int, features: int, dim: int | None,
+                 gem_p: float, pools_itself: bool):
+        super().__init__()
+        if not 0 <= n_frozen < len(blocks):
+            raise ValueError(f"n_frozen must be in [0, {len(blocks) - 1}], got {n_frozen}")
+        self.frozen = nn.Sequential(*blocks[:n_frozen])
+        self.trainable = nn.Sequential(*blocks[n_frozen:])
+        self.projection: nn.Module = nn.Linear(features, dim) if dim else nn.Identity()
+        self.gem_p = float(gem_p)
+        self.pools_itself = pools_itself
+        self.dim = int(dim or features)
+        for p in self.frozen.parameters():
+            p.requires_grad_(False)
+
+    def train(self, mode: bool = True) -> "DescriptorNet":
+        super().train(mode)
+        self.frozen.eval()  # frozen BatchNorm keeps its running statistics
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if len(self.frozen):
+            # No activations are kept for blocks that take no gradient: less memory, faster.
+            with torch.no_grad():
+                x = self.frozen(x)
+        f = self.trainable(x)
+        if not self.pools_itself:
+            f = gem(f, self.gem_p)
+        return F.normalize(self.projection(f), dim=-1)
+
+    def exportable(self) -> _Descriptor:
+        """A CPU, eval-mode copy computing the same function, with gradients flowing everywhere."""
+        net = copy.deepcopy(self).eval()
+        if any(p.device.type != "cpu" for p in net.parameters()):
+            net = net.cpu()
+        trunk = nn.Sequential(*net.frozen, *net.trainable)
+        return _Descriptor(trunk, net.projection, net.gem_p, net.pools_itself).eval()
+
+
+def _load_scripted(path: str) -> torch.jit.ScriptModule:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # TorchScript's deprecation notice
+            return torch.jit.load(path, map_location="cpu")
+    except Exception as e:  # torch raises RuntimeError/ValueError variants for bad files
+        raise ValueError(f"--init {TORCHSCRIPT_PREFIX}{path}: cannot load TorchScript model: {e}") from e
+
+
+def resolve_init(init: str, weights: str | None, input_size: int | None) -> InitModel:
+    """Check the starting model and find its preprocessing (raises ValueError early)."""
+    if init.startswith(TORCHSCRIPT_PREFIX):
+        import os
+
+        from raysearch import storage
+        from raysearch.models.registry import TORCHSCRIPT_INPUT_SIZE
+
+        path = os.path.abspath(os.path.expanduser(init[len(TORCHSCRIPT_PREFIX):]))
+        if not os.path.isfile(path):
+            raise ValueError(f"--init {init!r}: no such TorchScript file {path}")
+        if weights is not None:
+            raise ValueError("--weights does not apply to a TorchScript --init (its weights are inside it)")
+        return InitModel(TORCHSCRIPT_PREFIX + path, None, storage.file_digest(path)[1], input_size or TORCHSCRIPT_INPUT_SIZE,
+                         "squash", IMAGENET_MEAN, IMAGENET_STD)
+    spec = resolve_model(ModelConfig(name=init, weights=weights, input_size=input_size))
+    if spec.name.startswith("trained:"):
+        raise ValueError(f"--init {init!r}: continuing from a trained model directory is not supported; "
+                         "use --init torchscript:MODEL_DIR/<its .pt file>")
+    return InitModel(spec.name, spec.weights, spec.weights_sha256, spec.input_size, spec.resize,
+                     tuple(spec.mean), tuple(spec.std))  # type: ignore[arg-type]
+
+
+def parse_train_blocks(value: str | int, n_blocks: int) -> int:
+    """'all' or N (the last N blocks train) -> the number of frozen blocks."""
+    if isinstance(value, str) and value.strip().lower() == "all":
+        return 0
+    try:
+        n = int(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"--train-blocks must be 'all' or a positive number, got {value!r}") from None
+    if n < 1:
+        raise ValueError(f"--train-blocks must be 'all' or a positive number, got {value!r}")
+    return max(0, n_blocks - n)
+
+
+def build_descriptor_net(init: InitModel, dim: int | None, gem_p: float, train_blocks: str | int) -> DescriptorNet:
+    """The network to train, on CPU, in train mode. `train_blocks`: 'all' or the number of final
+    trunk blocks that train (see `backbone_blocks`); GeM and the projection always train."""
+    if dim is not None and dim < 1:
+        raise ValueError(f"--dim must be >= 1, got {dim}")
+    if gem_p <= 0:
+        raise ValueError(f"--gem-p must be > 0, got {gem_p}")
+    if init.name.startswith(TORCHSCRIPT_PREFIX):
+        trunk: nn.Module = _load_scripted(init.name[len(TORCHSCRIPT_PREFIX):])
+    else:
+        spec = resolve_model(ModelConfig(name=init.name, weights=init.weights))
+        trunk = build_model(spec).trunk
+    with torch.no_grad():
+        probe = trunk.eval()(torch.zeros(1, 3, 64, 64))
+    if probe.ndim == 4:
+        pools_itself = False
+    elif probe.ndim == 2:
+        pools_itself = True
+    else:
+        raise ValueError(f"--init {init.name}: expected a (B, C, h, w) feature map or (B, d) vectors, "
+                         f"got shape {tuple(probe.shape)}")
+    blocks = backbone_blocks(trunk)
+    n_frozen = parse_train_blocks(train_blocks, len(blocks))
+    if n_frozen and len(blocks) == 1:
+        raise ValueError(f"--train-blocks {train_blocks}: {init.name} is a single block; use --train-blocks all")
+    net = DescriptorNet(blocks, n_frozen, int(probe.shape[1]), dim, gem_p, pools_itself)
+    return net.train()
+
+
+def export_torchscript(net: DescriptorNet) -> bytes:
+    """The trained function as TorchScript bytes: normalised (B, 3, S, S) float -> (B, d) unit rows."""
+    with warnings.catch_warnings():
+        # TorchScript is deprecated in favour of torch.export, but it is the format raysearch's
+        # torchscript:PATH models (and published copy-detection models such as SSCD) use.
+        warnings.simplefilter("ignore", FutureWarning)
+        scripted = torch.jit.script(net.exportable())
+        buf = io.BytesIO()
+        torch.jit.save(scripted, buf)
+    return buf.getvalue()
