@@ -152,6 +152,8 @@ def index_embeddings(
     check_index_request(index_config, int(emb["dim"]), max(1, int(emb.get("n_embedded", 1))))
     if request is None:
         request = build_request(embeddings_dir, emb["model"], index_config, dba, query_expansion)
+    # Local features extracted in the embedding pass (`--local`) are gathered beside the shards.
+    local_features = {**emb["local"], "parts": embeddings_dir} if emb.get("local") else None
     whitening = index_config.whitening
     if whitening is not None and whitening.source is not None:
         # An image SOURCE to learn the whitening on is embedded with the index's model first.
@@ -165,7 +167,8 @@ def index_embeddings(
         embeddings_dir = augmented
     if query_expansion is not None:
         extra["query_expansion"] = query_expansion.to_dict()
-    return build_index(embeddings_dir, index_dir, index_config, extra_manifest=extra, build_record={"request": request})
+    return build_index(embeddings_dir, index_dir, index_config, extra_manifest=extra, build_record={"request": request},
+                       local_features=local_features)
 
 
 def build_progress(index_dir: str) -> tuple[int, int] | None:

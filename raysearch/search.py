@@ -21,6 +21,7 @@ from raysearch.index.fanout import SearchResult, ShardGroup, distances_to_scores
 from raysearch.index.store import IdMap, IndexStore
 from raysearch.index.transforms import PreTransformParts, split_pretransform
 from raysearch.models.embedder import embed_image_uris, preprocess_image
+from raysearch.rerank import LocalReranker, RerankConfig, rerank_rows
 
 MAX_K = 1000
 
@@ -86,6 +87,7 @@ class Searcher:
         self._parts: list[PreTransformParts] = [split_pretransform(ix) for ix in self.shards]
         self._group = ShardGroup([parts.inner for parts in self._parts])
         self._lookups: dict[int, VectorLookup] = {}
+        self._reranker: LocalReranker | None = None
         if query_expansion is None:
             query_expansion = QueryExpansion.from_dict(self.store.manifest.get("query_expansion"))
         self.query_expansion: QueryExpansion | None = query_expansion or None
@@ -189,17 +191,43 @@ class Searcher:
 
     def search_images(
         self, uris: list[str], k: int = 10, nprobe: int | None = None,
-        query_expansion: QueryExpansion | None | bool = None,
+        query_expansion: QueryExpansion | None | bool = None, rerank: RerankConfig | None = None,
     ) -> tuple[SearchResult, list[str | None]]:
         """Embed and search query images by path/URI. Returns the result and, per query, None or
-        the reason it could not be used (its result row is then empty)."""
+        the reason it could not be used (its result row is then empty).
+
+        rerank: verify each query's first `rerank.k` candidates with local features and geometry
+        and re-order them by fused score (raysearch.rerank); the result then says which hits were
+        verified and with how many inliers."""
         xq, problems = embed_image_uris(uris, self.store.model_spec, self.embedder())
-        result = self.search(xq, k, nprobe, query_expansion)
+        depth = max(k, rerank.k) if rerank is not None else k
+        result = self.search_many(xq, depth, nprobe, query_expansion)
         bad = [i for i, p in enumerate(problems) if p is not None]
         result.ids[bad] = -1
         result.scores[bad] = np.nan
         result.shard[bad] = -1
+        if rerank is not None:
+            result = self.rerank_images(uris, result, rerank, skip=set(bad))
+        if result.ids.shape[1] > k:
+            result = SearchResult(result.scores[:, :k], result.ids[:, :k], result.shard[:, :k],
+                                  None if result.verified is None else result.verified[:, :k],
+                                  None if result.inliers is None else result.inliers[:, :k])
         return result, problems
+
+    def reranker(self, config: RerankConfig) -> LocalReranker:
+        """The index's second stage with `config`, built once per configuration."""
+        if self._reranker is None or self._reranker.config != config:
+            self._reranker = LocalReranker(self.store, config)
+        return self._reranker
+
+    def rerank_images(self, uris: list[str], result: SearchResult, config: RerankConfig,
+                      skip: set[int] | None = None) -> SearchResult:
+        """Verify the first-stage `result` of query images `uris` (one row each) and re-order every
+        row by fused score. Rows in `skip` (queries that could not be read) stay empty."""
+        _, hit_uris = self.lookup(result)
+        ids, shard, scores, verified, inliers = rerank_rows(
+            self.reranker(config), list(uris), result.ids, result.shard, hit_uris, result.scores, skip)
+        return SearchResult(scores, ids, shard, verified, inliers)
 
 
 def check_queries(xq: np.ndarray, dim: int) -> np.ndarray:

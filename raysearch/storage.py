@@ -14,6 +14,8 @@ import io
 import json
 import os
 import posixpath
+import shutil
+import tempfile
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -129,6 +131,31 @@ def atomic_output(uri: str) -> Iterator[io.BytesIO]:
     buf = io.BytesIO()
     yield buf
     atomic_write(uri, buf.getvalue())
+
+
+@contextlib.contextmanager
+def atomic_local_file(uri: str) -> Iterator[str]:
+    """Context manager yielding a local path to write `uri`'s contents to, for files too large to
+    hold in memory: on success the file is moved into place (local) or uploaded in one PUT
+    (object stores), so readers see the whole file or none; on failure it is removed."""
+    fs, path = get_fs(uri)
+    local = "file" in _protocols(fs)
+    folder = (os.path.dirname(path) or ".") if local else tempfile.mkdtemp(prefix="raysearch-upload-")
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
+    try:
+        yield tmp
+        if local:
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        else:
+            fs.put_file(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        if not local:
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def remove(uri: str, recursive: bool = False) -> None:

@@ -42,6 +42,9 @@ def activate(
     concurrency: Annotated[Optional[int], typer.Option(help="Activator actors (default: one per GPU).")] = None,
     max_error_rate: Annotated[float, typer.Option(help="Fail if more than this share of images cannot be activated.")] = 0.05,
     overwrite: Annotated[bool, typer.Option(help="Replace a non-empty --out.")] = False,
+    report_dir: Annotated[Optional[str], typer.Option("--report", help=(
+        "Also write a page: DIR/index.html with each image's original, activated version and amplified "
+        "difference, PSNR and SSIM (and recall@1 once `raysearch eval activation --report DIR` measured it)."))] = None,
     progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
@@ -75,6 +78,10 @@ def activate(
         f"{s.mean_cos_before:.3f} -> {s.mean_cos_after:.3f}"
     )
     typer.echo(f"wrote {out}/images and {out}/report")
+    if report_dir:
+        from raysearch.pages.reports import write_activation_report
+
+        typer.echo(f"wrote {write_activation_report(report_dir, out)}")
 
 
 def _register_eval() -> None:
@@ -94,6 +101,9 @@ def _register_eval() -> None:
                             "costs (activation's room) beside what the edits cost the model itself. Reads every "
                             "stored vector into memory.")] = False,
         json_out: Annotated[bool, typer.Option("--json", help="Print the figures as JSON.")] = False,
+        report_dir: Annotated[Optional[str], typer.Option("--report", help=(
+            "Also write the activation's page with these recall figures: DIR/index.html (and DIR/summary.json, "
+            "which a later `raysearch activate --report DIR` of the same activation reuses)."))] = None,
         verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
     ) -> None:
         """Recall@1 of edited copies of the passive vs the activated images, per edit and overall."""
@@ -105,6 +115,10 @@ def _register_eval() -> None:
         chosen = tuple(e.strip() for e in edits.split(",") if e.strip()) if edits else DEFAULT_EDITS
         report = evaluate_activation(index_dir, activated, ActivationEvalConfig(
             edits=chosen, nprobe=nprobe, seed=seed, max_images=max_images, exact=exact))
+        if report_dir:
+            from raysearch.pages.reports import write_activation_report
+
+            typer.echo(f"wrote {write_activation_report(report_dir, activated, report)}", err=True)
         if json_out:
             typer.echo(json.dumps(report.to_dict(), indent=2))
             return

@@ -38,6 +38,7 @@ class OutputFormat(str, Enum):
 
 
 RESULT_COLUMNS = ("query", "rank", "id", "uri", "score")
+VERIFY_COLUMNS = ("verified", "inliers")   # added by a re-ranked search
 
 
 def fail(message: str, code: int = USER_ERROR_EXIT) -> typer.Exit:
@@ -114,13 +115,15 @@ def write_results(rows: list[dict[str, Any]], fmt: OutputFormat, out=None) -> No
     table: aligned text; csv: exactly RESULT_COLUMNS, failed queries left out; json: one object per
     query with its ranked results (and its error)."""
     out = out or sys.stdout
+    checked = any("verified" in r for r in rows)   # re-ranked: each hit says whether it was verified
     if fmt == OutputFormat.csv:
         writer = csv.writer(out, lineterminator="\n")
-        writer.writerow(RESULT_COLUMNS)
+        writer.writerow(RESULT_COLUMNS + (VERIFY_COLUMNS if checked else ()))
         for r in rows:
             if r.get("error"):   # a failed query has no row; report_failed_queries names it on stderr
                 continue
-            writer.writerow([r["query"], r["rank"], r["id"], r["uri"], _score_text(r["score"])])
+            extra = [int(r["verified"]), r["inliers"]] if checked else []
+            writer.writerow([r["query"], r["rank"], r["id"], r["uri"], _score_text(r["score"]), *extra])
         return
     if fmt == OutputFormat.json:
         by_query: dict[str, list[dict[str, Any]]] = {}
@@ -130,7 +133,7 @@ def write_results(rows: list[dict[str, Any]], fmt: OutputFormat, out=None) -> No
             if r.get("error"):
                 problems[r["query"]] = r["error"]
             elif r["id"] is not None:
-                by_query[r["query"]].append({k: r[k] for k in ("rank", "id", "uri", "score")})
+                by_query[r["query"]].append({k: r[k] for k in ("rank", "id", "uri", "score", *VERIFY_COLUMNS) if k in r})
         doc = [
             {"query": q, "results": res, **({"error": problems[q]} if q in problems else {})}
             for q, res in by_query.items()
@@ -146,7 +149,8 @@ def write_results(rows: list[dict[str, Any]], fmt: OutputFormat, out=None) -> No
         if r.get("error"):
             out.write("  (could not be searched; see the error on stderr)\n")
         elif r["id"] is not None:
-            out.write(f"  {r['rank']:>4}  {_score_text(r['score']):>8}  {r['id']}  ({r['uri']})\n")
+            mark = (f"  verified, {r['inliers']} inliers" if r["verified"] else "  not verified") if checked else ""
+            out.write(f"  {r['rank']:>4}  {_score_text(r['score']):>8}  {r['id']}  ({r['uri']}){mark}\n")
 
 
 def _score_text(score: float | None) -> str:

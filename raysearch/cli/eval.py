@@ -29,6 +29,17 @@ KOpt = Annotated[Optional[int], typer.Option("--k", "-k", help="Results per quer
 NprobeOpt = Annotated[Optional[int], typer.Option(help="nprobe / efSearch (default: the index's).")]
 QeOpt = Annotated[Optional[int], typer.Option(help="Alpha query expansion with the top K results (0 = off; default: the index's setting).")]
 QeAlphaOpt = Annotated[float, typer.Option(help="Query expansion weight = similarity ** alpha.")]
+RerankOpt = Annotated[Optional[str], typer.Option(help="Second stage: 'local' verifies each query's top --rerank-k with local features and geometry and re-orders them by a fused score.")]
+RerankKOpt = Annotated[int, typer.Option(help="Candidates verified per query with --rerank.")]
+RerankMirrorOpt = Annotated[bool, typer.Option("--rerank-mirror/--no-rerank-mirror", help="With --rerank: also match each query's mirror image (flipped copies; twice the matching time).")]
+
+
+def rerank_option(method: Optional[str], k: int, mirror: bool):
+    """RerankConfig | None from the --rerank options."""
+    from raysearch.rerank import RerankConfig, check_method
+
+    check_method(method)
+    return RerankConfig(k=k, mirror=mirror) if method else None
 MatchOpt = Annotated[str, typer.Option(help="How ids are matched: 'name' (file name without folders/extension, numbers as numbers) or 'exact' (image ids as indexed).")]
 InProcessOpt = Annotated[int, typer.Option(help="Embed up to this many query images in this process; more go through the Ray pipeline.")]
 WorkOpt = Annotated[Optional[str], typer.Option(help="Folder for query/background embeddings made with Ray (kept and reused; default: a temporary folder). On a multi-node cluster use shared storage, e.g. s3://.")]
@@ -36,6 +47,7 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print the metrics as JSON
 OutOpt = Annotated[Optional[str], typer.Option("--out", "-o", help="Folder for the evaluation's files (predictions); default INDEX_DIR/eval/PROTOCOL.")]
 ProgressOpt = Annotated[bool, typer.Option("--progress/--no-progress", help="Ray Data progress bars.")]
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Log each stage.")]
+ReportOpt = Annotated[Optional[str], typer.Option("--report", help="Also write a page of the results: DIR/index.html (metrics, plots, thumbnails; opens offline) and DIR/summary.json.")]
 
 
 def query_expansion_option(qe: Optional[int], qe_alpha: float):
@@ -84,6 +96,9 @@ def copy_cmd(
     nprobe: NprobeOpt = None,
     qe: QeOpt = None,
     qe_alpha: QeAlphaOpt = 3.0,
+    rerank: RerankOpt = None,
+    rerank_k: RerankKOpt = 20,
+    rerank_mirror: RerankMirrorOpt = False,
     background: Annotated[Optional[str], typer.Option(help="Score normalisation (SSCD): images (or an embeddings folder) none of the references copy, e.g. DISC21's training set.")] = None,
     beta: Annotated[float, typer.Option(help="Score normalisation weight: score -= beta * mean top-k background similarity.")] = 1.0,
     background_k: Annotated[int, typer.Option(help="Background neighbours averaged for score normalisation.")] = 3,
@@ -94,23 +109,32 @@ def copy_cmd(
     in_process_limit: InProcessOpt = 1000,
     work: WorkOpt = None,
     json_out: JsonOpt = False,
+    report_dir: ReportOpt = None,
     progress: ProgressOpt = False,
     verbose: VerboseOpt = False,
 ) -> None:
     """Copy detection (DISC21 / ISC2021): micro-AP, recall at precision 0.9, recall@1 and @10."""
     from raysearch.metrics.groundtruth import write_predictions
     from raysearch.evaluate.copy import CopyEvalConfig, evaluate_copy_detection
+    from raysearch.search import Searcher
 
     setup_logging(verbose)
     config = CopyEvalConfig(
         k=k, nprobe=nprobe, query_expansion=query_expansion_option(qe, qe_alpha), background=background,
         beta=beta, background_k=background_k, max_predictions=max_predictions, match_ids=match_ids,
         in_process_limit=in_process_limit, work_dir=work, progress=progress,
+        rerank=rerank_option(rerank, rerank_k, rerank_mirror),
     )
-    report = evaluate_copy_detection(index_dir, queries, gt, config)
+    searcher = Searcher(index_dir)
+    report = evaluate_copy_detection(searcher, queries, gt, config)
     predictions = output_file(index_dir, "copy", out, predictions, "predictions.csv")
     if predictions:
         write_predictions(predictions, report.predictions)
+    if report_dir:
+        from raysearch.pages.reports import write_copy_report
+
+        page = write_copy_report(report_dir, report, queries, searcher, match_ids)
+        typer.echo(f"wrote {page}", err=True)
     if json_out:
         print_json({**report.summary(), "predictions_csv": predictions or None})
         return
@@ -142,18 +166,28 @@ def landmarks_cmd(
     nprobe: NprobeOpt = None,
     qe: QeOpt = None,
     qe_alpha: QeAlphaOpt = 3.0,
+    rerank: RerankOpt = None,
+    rerank_k: RerankKOpt = 20,
+    rerank_mirror: RerankMirrorOpt = False,
     crop: Annotated[bool, typer.Option("--crop/--no-crop", help="Crop queries to their bounding boxes (the protocol).")] = True,
     match_ids: MatchOpt = "name",
     json_out: JsonOpt = False,
+    report_dir: ReportOpt = None,
     verbose: VerboseOpt = False,
 ) -> None:
     """Revisited Oxford / Paris: mAP and mP@1,5,10 for Easy, Medium and Hard."""
     from raysearch.evaluate.landmarks import LandmarkEvalConfig, evaluate_landmarks
+    from raysearch.search import Searcher
 
     setup_logging(verbose)
     config = LandmarkEvalConfig(k=k, nprobe=nprobe, query_expansion=query_expansion_option(qe, qe_alpha),
-                                crop=crop, match_ids=match_ids)
-    report = evaluate_landmarks(index_dir, queries, gnd, config)
+                                crop=crop, match_ids=match_ids, rerank=rerank_option(rerank, rerank_k, rerank_mirror))
+    searcher = Searcher(index_dir)
+    report = evaluate_landmarks(searcher, queries, gnd, config)
+    if report_dir:
+        from raysearch.pages.reports import write_landmarks_report
+
+        typer.echo(f"wrote {write_landmarks_report(report_dir, report, searcher)}", err=True)
     if json_out:
         print_json(report.summary())
         return
@@ -182,20 +216,31 @@ def cmc_cmd(
     nprobe: NprobeOpt = None,
     qe: QeOpt = None,
     qe_alpha: QeAlphaOpt = 3.0,
+    rerank: RerankOpt = None,
+    rerank_k: RerankKOpt = 20,
+    rerank_mirror: RerankMirrorOpt = False,
     match_ids: MatchOpt = "name",
     in_process_limit: InProcessOpt = 1000,
     work: WorkOpt = None,
     json_out: JsonOpt = False,
+    report_dir: ReportOpt = None,
     progress: ProgressOpt = False,
     verbose: VerboseOpt = False,
 ) -> None:
     """Labelled retrieval (e.g. FID-300): CMC at ranks 1, 5, 10, 20 and at 1%, 5%, 10% of the collection."""
     from raysearch.evaluate.cmc import CmcEvalConfig, evaluate_cmc
+    from raysearch.search import Searcher
 
     setup_logging(verbose)
     config = CmcEvalConfig(k=k, nprobe=nprobe, query_expansion=query_expansion_option(qe, qe_alpha),
-                           match_ids=match_ids, in_process_limit=in_process_limit, work_dir=work, progress=progress)
-    report = evaluate_cmc(index_dir, queries, labels, config)
+                           match_ids=match_ids, in_process_limit=in_process_limit, work_dir=work, progress=progress,
+                           rerank=rerank_option(rerank, rerank_k, rerank_mirror))
+    searcher = Searcher(index_dir)
+    report = evaluate_cmc(searcher, queries, labels, config)
+    if report_dir:
+        from raysearch.pages.reports import write_cmc_report
+
+        typer.echo(f"wrote {write_cmc_report(report_dir, report, queries, searcher, match_ids)}", err=True)
     if json_out:
         print_json(report.summary())
         return
@@ -226,15 +271,23 @@ def ann_cmd(
     ks: Annotated[str, typer.Option(help="Comma-separated k for recall@k.")] = "1,10,100",
     seed: Annotated[int, typer.Option(help="Seed for the query sample.")] = 0,
     json_out: JsonOpt = False,
+    report_dir: ReportOpt = None,
     verbose: VerboseOpt = False,
 ) -> None:
     """ANN quality: recall@1/10/100 of the index against exact search on the same vectors, and latency, per nprobe."""
     from raysearch.evaluate.ann import AnnEvalConfig, evaluate_ann
+    from raysearch.search import Searcher
 
     setup_logging(verbose)
     config = AnnEvalConfig(n_queries=queries, ks=_int_list(ks, "--ks") or (1, 10, 100),
                            nprobes=_int_list(nprobe, "--nprobe"), seed=seed)
-    report = evaluate_ann(index_dir, config)
+    searcher = Searcher(index_dir)
+    report = evaluate_ann(searcher, config)
+    if report_dir:
+        from raysearch.pages.reports import write_ann_report
+
+        page = write_ann_report(report_dir, report, config.ks, searcher.store.nprobe, index_dir)
+        typer.echo(f"wrote {page}", err=True)
     if json_out:
         print_json(report.summary())
         return

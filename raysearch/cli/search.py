@@ -28,10 +28,11 @@ def result_rows(queries: list[str], result, image_ids, uris, problems: list[str 
         for r in range(result.ids.shape[1]):
             if result.ids[q, r] < 0:
                 break
-            rows.append({
-                "query": query, "rank": r + 1, "id": image_ids[q, r], "uri": uris[q, r],
-                "score": float(result.scores[q, r]),
-            })
+            row = {"query": query, "rank": r + 1, "id": image_ids[q, r], "uri": uris[q, r],
+                   "score": float(result.scores[q, r])}
+            if result.verified is not None:
+                row.update(verified=bool(result.verified[q, r]), inliers=int(result.inliers[q, r]))
+            rows.append(row)
     return rows
 
 
@@ -44,23 +45,35 @@ def search(
     nprobe: Annotated[Optional[int], typer.Option(help="Override the index's tuned nprobe / efSearch.")] = None,
     qe: Annotated[Optional[int], typer.Option(help="Alpha query expansion with the top K results (0 = off; default: the index's setting).")] = None,
     qe_alpha: Annotated[float, typer.Option(help="Query expansion weight = similarity ** alpha.")] = 3.0,
-    format: Annotated[OutputFormat, typer.Option("--format", "-f", help="table, csv (query,rank,id,uri,score) or json.")] = OutputFormat.table,
+    format: Annotated[OutputFormat, typer.Option("--format", "-f", help="table, csv (query,rank,id,uri,score, and verified,inliers with --rerank) or json.")] = OutputFormat.table,
     verify: Annotated[bool, typer.Option("--verify/--no-verify", help="Check every index file against its checksum.")] = True,
+    rerank: Annotated[Optional[str], typer.Option(help="Second stage: 'local' verifies the top --rerank-k candidates with local features and geometry, and re-orders them by a fused score.")] = None,
+    rerank_k: Annotated[int, typer.Option(help="Candidates verified per query with --rerank.")] = 20,
+    rerank_mirror: Annotated[bool, typer.Option("--rerank-mirror/--no-rerank-mirror", help="With --rerank: also match the query's mirror image (finds flipped copies; twice the matching time).")] = False,
+    html: Annotated[Optional[str], typer.Option("--html", help="Also write the results as a page: each query beside its top-k thumbnails (one self-contained HTML file).")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Search the index with query images, embedded by the index's own model."""
     from raysearch.index.expansion import QueryExpansion
+    from raysearch.rerank import RerankConfig, check_method
     from raysearch.search import Searcher, check_k
 
     setup_logging(verbose)
     check_k(k)
+    check_method(rerank)
+    second = RerankConfig(k=rerank_k, mirror=rerank_mirror) if rerank else None
     expansion = None if qe is None else (QueryExpansion(qe, qe_alpha) if qe != 0 else False)
     paths = expand_queries(list(queries))
     searcher = Searcher(index_dir, verify=verify)
-    result, problems = searcher.search_images(paths, k=k, nprobe=nprobe, query_expansion=expansion)
+    result, problems = searcher.search_images(paths, k=k, nprobe=nprobe, query_expansion=expansion, rerank=second)
     image_ids, uris = searcher.lookup(result)
     rows = result_rows(paths, result, image_ids, uris, problems)
     write_results(rows, format)
+    if html:
+        from raysearch.pages.results import write_search_page
+
+        # On stderr: stdout holds the results in --format, which a pipe may be reading.
+        typer.echo(f"wrote {write_search_page(html, rows, k, subtitle=index_dir)}", err=True)
     if report_failed_queries(rows):
         raise typer.Exit(FAILED_QUERIES_EXIT)
 

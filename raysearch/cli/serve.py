@@ -47,6 +47,10 @@ def serve_cmd(
     verify: Annotated[bool, typer.Option("--verify/--no-verify", help="Check every shard file against its checksum when loading.")] = True,
     shards_in_ingress: Annotated[bool, typer.Option(help="Search every shard inside the ingress replica(s) instead of one searcher deployment per shard: one Ray hop less per query (lower latency for light searches); for indexes one replica can map.")] = False,
     direct_ingress: Annotated[bool, typer.Option(help="Each ingress replica also answers HTTP on a port of its own (Ray Serve's direct ingress, ports printed at start), skipping the Serve proxy: about half the latency. A cluster joined with --address must run with RAY_SERVE_ENABLE_DIRECT_INGRESS=1.")] = False,
+    rerank: Annotated[Optional[str], typer.Option(help="Second stage for image queries: 'local' verifies each query's top --rerank-k with local features and geometry (a LocalVerifier deployment) and re-orders them by a fused score; hits gain 'verified' and 'inliers'. Vector queries are answered by the first stage.")] = None,
+    rerank_k: Annotated[int, typer.Option(help="Candidates verified per image query with --rerank.")] = 20,
+    rerank_mirror: Annotated[bool, typer.Option("--rerank-mirror/--no-rerank-mirror", help="With --rerank: also match each query's mirror image (flipped copies; twice the matching time).")] = False,
+    verifier_replicas: Annotated[int, typer.Option(help="Replicas of the LocalVerifier with --rerank (one CPU each).")] = 1,
     detach: Annotated[bool, typer.Option(help="Return once the service is up and leave it running on the Ray cluster (needs --address or $RAY_ADDRESS).")] = False,
     address: Annotated[Optional[str], typer.Option(help="Ray cluster address (default: $RAY_ADDRESS, else a local cluster).")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
@@ -61,6 +65,7 @@ def serve_cmd(
         index_dir=index_dir, host=host, port=port, replicas=replicas, shard_replicas=shard_replicas,
         api_key=api_key, shard_timeout_s=shard_timeout, max_body_bytes=int(max_body_mb * 1024 * 1024),
         verify=verify, shards_in_ingress=shards_in_ingress,
+        rerank=rerank, rerank_k=rerank_k, rerank_mirror=rerank_mirror, verifier_replicas=verifier_replicas,
     )
     address = address or os.environ.get("RAY_ADDRESS") or None
     if detach and not address:
@@ -74,6 +79,13 @@ def serve_cmd(
                    "can search this index", err=True)
     where = "in the ingress" if shards_in_ingress else "searcher(s)"
     typer.echo(f"starting {len(store.shards)} shard {where} for {store.ntotal} vectors ...", err=True)
+    if rerank:
+        from raysearch.rerank import LocalReranker
+
+        LocalReranker.check_index(store)   # an extractor this machine lacks fails here, not in a replica
+        stored = "stored" if (store.manifest.get("local") or {}).get("files") else "extracted per query (none stored)"
+        typer.echo(f"verifying image queries' top {rerank_k} with local features ({stored}), "
+                   f"{verifier_replicas} verifier replica(s)", err=True)
     url = service_url(config)
     # SIGTERM (from a process manager) stops the service as cleanly as Ctrl-C, even mid-start.
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)

@@ -4,23 +4,29 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from raysearch.evaluate.queries import (
+    query_uris,
+    rerank_head,
     IN_PROCESS_LIMIT,
+    REPORT_DEPTH,
     QuerySet,
+    TopResults,
     check_match_mode,
     embed_images,
     key_function,
     result_keys,
     search_depth,
+    top_results,
 )
 from raysearch.index.expansion import QueryExpansion
 from raysearch.metrics import retrieval as M
 from raysearch.metrics.groundtruth import read_labels
+from raysearch.rerank import RerankConfig
 from raysearch.search import Searcher
 
 log = logging.getLogger("raysearch")
@@ -42,6 +48,7 @@ class CmcEvalConfig:
     in_process_limit: int = IN_PROCESS_LIMIT
     work_dir: str | None = None
     progress: bool = False
+    rerank: RerankConfig | None = None   # verify the top rerank.k with local features, re-order them
 
     def __post_init__(self) -> None:
         check_match_mode(self.match_ids)
@@ -61,6 +68,12 @@ class CmcEvalReport:
     missing_queries: list[str]
     seconds: dict[str, float]
     config: dict[str, Any]
+    # For reports (`--report`): the 1-based rank of each labelled query's first correct result
+    # (metrics.retrieval.NOT_FOUND where none; the missing queries last), the correct references
+    # of each searched query (keys), and the searched queries' first results.
+    first_ranks: np.ndarray | None = None
+    correct_keys: list[set[str]] = field(default_factory=list)
+    top: TopResults | None = None
 
     def summary(self) -> dict:
         """The report as a JSON-ready dict: the metrics' summary, the query counts, seconds rounded
@@ -106,14 +119,24 @@ def evaluate_cmc(
     start = time.perf_counter()
     result = searcher.search_many(queries.vectors[use], depth, config.nprobe, config.query_expansion)
     seconds["search"] = time.perf_counter() - start
+    if config.rerank is not None:
+        start = time.perf_counter()
+        result = rerank_head(searcher, query_uris(queries, use), result, config.rerank,
+                             in_process_limit=config.in_process_limit)
+        seconds["rerank"] = time.perf_counter() - start
     keys = result_keys(searcher, result, config.match_ids)
-    ranks = M.first_match_ranks(keys, result.scores, [keyed[query_keys[i]] for i in use])
+    correct_keys = [keyed[query_keys[i]] for i in use]
+    ranks = M.first_match_ranks(keys, result.scores, correct_keys)
+    correct = np.array([[key in refs for key in row[:REPORT_DEPTH]] for row, refs in zip(keys, correct_keys)], dtype=bool)
     # Labelled queries that could not be searched at all are misses at every rank.
     ranks = np.concatenate([ranks, np.full(len(missing), M.NOT_FOUND, np.int64)])
     metrics = M.cmc(ranks, n, depth, config.ranks, config.fractions)
     qe = config.query_expansion if config.query_expansion is not None else searcher.query_expansion
     return CmcEvalReport(
         metrics=metrics, unlabelled_queries=unlabelled, missing_queries=missing, seconds=seconds,
+        first_ranks=ranks, correct_keys=correct_keys,
+        top=top_results(searcher, result, result.scores, [queries.ids[i] for i in use],
+                        [query_keys[i] for i in use], correct.reshape(len(use), -1)),
         config={"k": depth, "nprobe": config.nprobe or searcher.store.nprobe,
                 "query_expansion": qe.to_dict() if isinstance(qe, QueryExpansion) else None},
     )

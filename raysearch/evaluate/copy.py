@@ -6,20 +6,23 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from raysearch.evaluate.queries import (
     IN_PROCESS_LIMIT,
+    REPORT_DEPTH,
     QuerySet,
+    TopResults,
     background_bias,
     check_match_mode,
     embed_images,
     embeddings_or_images,
     key_function,
     result_keys,
+    top_results,
     work_folder,
 )
 from raysearch.index.expansion import QueryExpansion
@@ -45,6 +48,7 @@ class CopyEvalConfig:
     in_process_limit: int = IN_PROCESS_LIMIT
     work_dir: str | None = None
     progress: bool = False
+    rerank: RerankConfig | None = None   # verify the top rerank.k with local features, re-order
 
     def __post_init__(self) -> None:
         if not 1 <= self.k <= 1000:
@@ -70,6 +74,10 @@ class CopyEvalReport:
     ignored_queries: int           # query images not listed in the ground truth
     seconds: dict[str, float]
     config: dict[str, Any]
+    # For reports (`--report`): the ground-truth pairs scored (as matched: keys), and each
+    # evaluated query's first results with the scores ranked by.
+    ground_truth: list[tuple[str, str]] = field(default_factory=list)
+    top: TopResults | None = None
 
     def summary(self) -> dict:
         """The report as a JSON-ready dict without the predictions: the metrics' summary, the
@@ -151,8 +159,16 @@ def _evaluate_copy_detection(searcher, queries, ground_truth, config: CopyEvalCo
                     len(missing), missing[:3])
     xq = queries.vectors[use]
     start = time.perf_counter()
-    result = searcher.search_many(xq, config.k, config.nprobe, config.query_expansion)
+    depth = max(config.k, config.rerank.k) if config.rerank else config.k
+    result = searcher.search_many(xq, depth, config.nprobe, config.query_expansion)
     seconds["search"] = time.perf_counter() - start
+    if config.rerank is not None:
+        start = time.perf_counter()
+        result, stages = rerank_queries(searcher, query_uris(queries, use), result, config.rerank,
+                                        config.in_process_limit, config.progress)
+        result = truncate(result, config.k)
+        seconds["rerank"] = time.perf_counter() - start
+        seconds.update({f"rerank_{k}": v for k, v in stages.items()})
     scores = result.scores.copy()
     if background is not None:
         start = time.perf_counter()
@@ -160,16 +176,20 @@ def _evaluate_copy_detection(searcher, queries, ground_truth, config: CopyEvalCo
         scores = scores - config.beta * bias[:, None]
         seconds["score_normalisation"] = time.perf_counter() - start
     keys = result_keys(searcher, result, config.match_ids)
-    predictions = copy_predictions([query_keys[i] for i in use], keys, scores)
+    used_keys = [query_keys[i] for i in use]
+    predictions = copy_predictions(used_keys, keys, scores)
     if config.max_predictions is not None:
         predictions = M.keep_best_predictions(predictions, config.max_predictions)
     start = time.perf_counter()
     metrics = M.copy_detection_metrics(gt.pairs, predictions)
     seconds["metrics"] = time.perf_counter() - start
     qe = config.query_expansion if config.query_expansion is not None else searcher.query_expansion
+    gt_pairs = set(gt.pairs)
+    correct = np.array([[(q, key) in gt_pairs for key in row[:REPORT_DEPTH]] for q, row in zip(used_keys, keys)], dtype=bool)
     return CopyEvalReport(
         metrics=metrics, predictions=predictions, n_queries=len(use), missing_queries=missing,
         ignored_queries=len(query_keys) - len(use), seconds=seconds,
+        ground_truth=list(gt.pairs), top=top_results(searcher, result, scores, [queries.ids[i] for i in use], used_keys, correct.reshape(len(use), -1)),
         config={
             "k": config.k, "nprobe": config.nprobe or searcher.store.nprobe,
             "query_expansion": qe.to_dict() if isinstance(qe, QueryExpansion) else None,
@@ -179,6 +199,8 @@ def _evaluate_copy_detection(searcher, queries, ground_truth, config: CopyEvalCo
                 if background is not None else None
             ),
             "match_ids": config.match_ids,
+            "rerank": ({"method": "local", "k": config.rerank.k, "mirror": config.rerank.mirror}
+                       if config.rerank is not None else None),
         },
     )
 

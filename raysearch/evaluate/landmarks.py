@@ -8,11 +8,22 @@ from typing import Any
 
 import numpy as np
 
-from raysearch.evaluate.queries import check_match_mode, key_function, list_source, result_keys, search_depth
+from raysearch.evaluate.queries import rerank_head
+from raysearch.evaluate.queries import (
+    REPORT_DEPTH,
+    TopResults,
+    check_match_mode,
+    key_function,
+    list_source,
+    result_keys,
+    search_depth,
+    top_results,
+)
 from raysearch.index.expansion import QueryExpansion
 from raysearch.metrics import retrieval as M
 from raysearch.metrics.groundtruth import RevisitedGroundTruth, read_revisited_ground_truth
 from raysearch.models.embedder import embed_image_uris
+from raysearch.rerank import RerankConfig
 from raysearch.search import Searcher
 
 
@@ -28,6 +39,7 @@ class LandmarkEvalConfig:
     kappas: tuple[int, ...] = (1, 5, 10)
     crop: bool = True
     match_ids: str = "name"
+    rerank: RerankConfig | None = None   # verify the top rerank.k with local features, re-order them
 
     def __post_init__(self) -> None:
         check_match_mode(self.match_ids)
@@ -47,6 +59,12 @@ class LandmarkEvalReport:
     imlist_not_indexed: int   # imlist images the index does not hold (count as never retrieved)
     seconds: dict[str, float]
     config: dict[str, Any]
+    # For reports (`--report`): each query's first results, correct = a positive of the Medium
+    # protocol (easy or hard); junk = a junk image of that protocol (neither right nor wrong);
+    # query_uris: the query images, in the ground truth's order.
+    top: TopResults | None = None
+    junk: np.ndarray | None = None
+    query_uris: list[str] | None = None
 
     def summary(self) -> dict:
         """The report as a JSON-ready dict: the metrics' summary, the counts, seconds rounded to ms
@@ -99,18 +117,35 @@ def evaluate_landmarks(
     start = time.perf_counter()
     result = searcher.search_many(xq, depth, config.nprobe, config.query_expansion, batch_size=256)
     seconds["search"] = time.perf_counter() - start
+    if config.rerank is not None:
+        start = time.perf_counter()
+        result = rerank_head(searcher, [uri_of[keyf(q.name)] for q in gnd.queries], result, config.rerank,
+                             boxes=[q.bbx if config.crop else None for q in gnd.queries])
+        seconds["rerank"] = time.perf_counter() - start
     index_of = {keyf(name): i for i, name in enumerate(gnd.imlist)}
     keys = result_keys(searcher, result, config.match_ids)
     rankings = []
     for row in keys:
         rankings.append(np.asarray([index_of[k] for k in row if k is not None and k in index_of], dtype=np.int64))
     indexed = _indexed_keys(searcher, keyf)
-    metrics = M.revisited_metrics(rankings, [q.as_dict() for q in gnd.queries], config.kappas)
+    gnd_dicts = [q.as_dict() for q in gnd.queries]
+    metrics = M.revisited_metrics(rankings, gnd_dicts, config.kappas)
+    # What a report shows of each query's first results: Medium-protocol positives and junk.
+    top_keys = keys[:, :REPORT_DEPTH]
+    correct = np.zeros(top_keys.shape, dtype=bool)
+    junk = np.zeros(top_keys.shape, dtype=bool)
+    for i, (row, g) in enumerate(zip(top_keys, gnd_dicts)):
+        positives, junk_ids = M.protocol_sets(g, "medium")
+        where = [index_of.get(k, -1) if k is not None else -1 for k in row]
+        correct[i], junk[i] = np.isin(where, positives), np.isin(where, junk_ids)
     qe = config.query_expansion if config.query_expansion is not None else searcher.query_expansion
     return LandmarkEvalReport(
         metrics=metrics, depth=depth, n_queries=len(gnd.queries),
         not_in_imlist=len(indexed - set(index_of)), imlist_not_indexed=len(set(index_of) - indexed),
         seconds=seconds,
+        top=top_results(searcher, result, result.scores, [q.name for q in gnd.queries],
+                        [keyf(q.name) for q in gnd.queries], correct),
+        junk=junk, query_uris=[uri_of[keyf(q.name)] for q in gnd.queries],
         config={"k": depth, "nprobe": config.nprobe or searcher.store.nprobe, "crop": config.crop,
                 "query_expansion": qe.to_dict() if isinstance(qe, QueryExpansion) else None},
     )

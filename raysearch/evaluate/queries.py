@@ -38,6 +38,8 @@ from raysearch.index.exact import exact_knn
 from raysearch.metrics.groundtruth import id_key
 from raysearch.models.embedder import Embedder
 from raysearch.models.spec import ModelSpec
+from raysearch.progress import Progress
+from raysearch.rerank import RerankConfig, rerank_chunk, rerank_rows
 from raysearch.search import SearchResult, Searcher
 from raysearch.sources import open_source
 
@@ -46,19 +48,48 @@ log = logging.getLogger("raysearch")
 IN_PROCESS_LIMIT = 1000
 MAX_DEPTH = 100_000          # deepest ranking an evaluation asks for by default
 MATCH_MODES = ("name", "exact")
+REPORT_DEPTH = 10            # results per query that a report keeps (`TopResults`)
 
 
 @dataclass
 class QuerySet:
     """Embedded query images: ids (image_ids as the source names them) and their vectors (n, d)
-    float32 in the model's space; `problems` maps the ids of images that could not be used to why."""
+    float32 in the model's space; `problems` maps the ids of images that could not be used to why;
+    `uris` (one per id, when known) locate the images, for a second stage that reads them again."""
 
     ids: list[str]
     vectors: np.ndarray
     problems: dict[str, str] = field(default_factory=dict)
+    uris: list[str] | None = None
 
     def __len__(self) -> int:
         return len(self.ids)
+
+
+@dataclass
+class TopResults:
+    """The first results of each evaluated query, kept for reports (`raysearch eval ... --report`):
+    query_ids as the query set names them and query_keys as the ground truth is matched by (nq,),
+    and (nq, depth) arrays: image_ids and uris (object,
+    None where there is no result), scores (float64, NaN where none) and correct (bool: the result
+    is a true match by the protocol's ground truth)."""
+
+    query_ids: list[str]
+    query_keys: list[str]
+    image_ids: np.ndarray
+    uris: np.ndarray
+    scores: np.ndarray
+    correct: np.ndarray
+
+
+def top_results(searcher: Searcher, result: SearchResult, scores: np.ndarray, query_ids: list[str],
+                query_keys: list[str], correct: np.ndarray, depth: int = REPORT_DEPTH) -> TopResults:
+    """The first `depth` columns of a search `result` as TopResults; `scores` (nq, k) are the scores
+    the protocol ranked by (e.g. after score normalisation), `correct` (nq, k) bool its verdicts."""
+    ids = result.ids[:, :depth]
+    image_ids, uris = searcher.lookup(SearchResult(result.scores[:, :depth], ids, result.shard[:, :depth]))
+    kept = np.where(ids >= 0, np.asarray(scores, dtype=np.float64)[:, :depth], np.nan)
+    return TopResults(list(query_ids), list(query_keys), image_ids, uris, kept, np.asarray(correct, dtype=bool)[:, :depth] & (ids >= 0))
 
 
 def list_source(source: str) -> tuple[list[str], list[str]]:
@@ -88,6 +119,7 @@ def embed_rows(ids: list[str], uris: list[str], spec: ModelSpec, embedder, batch
         "duplicate_of": pa.array(dup_of, pa.string()),
     })
     kept_ids: list[str] = []
+    kept_uris: list[str] = []
     vectors: list[np.ndarray] = []
     problems: dict[str, str] = {}
     for start in range(0, len(ids), batch_size):
@@ -98,28 +130,30 @@ def embed_rows(ids: list[str], uris: list[str], spec: ModelSpec, embedder, batch
         if ok.any():
             vectors.append(embedder.embed_pixels(batch["pixels"][ok]))
             kept_ids.extend(str(x) for x in batch["image_id"][ok])
+            kept_uris.extend(str(x) for x in batch["uri"][ok])
     x = np.concatenate(vectors) if vectors else np.zeros((0, spec.dim), np.float32)
-    return QuerySet(kept_ids, x, problems)
+    return QuerySet(kept_ids, x, problems, kept_uris)
 
 
 def read_embeddings_folder(embeddings_dir: str) -> QuerySet:
     """Every vector of a complete embeddings folder, in row order, with its error rows."""
 
     load_embeddings_manifest(embeddings_dir)
-    rows, ids, vectors = [], [], []
+    rows, ids, uris, vectors = [], [], [], []
     for uri in list_parts(embeddings_dir, "parts"):
-        tbl = read_part(uri, ["row", "image_id", "embedding"])
+        tbl = read_part(uri, ["row", "image_id", "uri", "embedding"])
         rows.append(tbl.column("row").to_numpy())
         ids.extend(tbl.column("image_id").to_pylist())
+        uris.extend(tbl.column("uri").to_pylist())
         vectors.append(embeddings_matrix(tbl))
     if not vectors:
         dim = int(load_embeddings_manifest(embeddings_dir)["dim"])
-        return QuerySet([], np.zeros((0, dim), np.float32), {})
+        return QuerySet([], np.zeros((0, dim), np.float32), {}, [])
     order = np.argsort(np.concatenate(rows), kind="stable")
     x = np.concatenate(vectors)[order]
     errors = read_errors(embeddings_dir)
     problems = dict(zip(errors.column("image_id").to_pylist(), errors.column("reason").to_pylist()))
-    return QuerySet([ids[i] for i in order], np.ascontiguousarray(x), problems)
+    return QuerySet([ids[i] for i in order], np.ascontiguousarray(x), problems, [uris[i] for i in order])
 
 
 @contextmanager
@@ -244,3 +278,71 @@ def background_bias(searcher: Searcher, xq: np.ndarray, background: QuerySet | s
     return D.mean(axis=1).astype(np.float32)
 
 
+
+
+def rerank_queries(searcher: Searcher, query_uris: list[str], result: SearchResult, config: RerankConfig,
+                   in_process_limit: int = IN_PROCESS_LIMIT, progress: bool = False,
+                   boxes: list | None = None) -> tuple[SearchResult, dict[str, float]]:
+    """Verify the first-stage `result` of query images (one row per uri; cropped to `boxes` when
+    given) with local features and re-order every row (raysearch.rerank). Up to `in_process_limit` queries in this process, more
+    spread over Ray tasks of about 100 queries (each opens the index's local features itself).
+    Returns the re-ranked result and the seconds per stage (summed over tasks)."""
+    _, hit_uris = searcher.lookup(result)
+    if len(query_uris) <= in_process_limit:
+        reranker = searcher.reranker(config)
+        ids, shards, scores, verified, inliers = rerank_rows(reranker, query_uris, result.ids, result.shard,
+                                                             hit_uris, result.scores, boxes=boxes)
+        return SearchResult(scores, ids, shards, verified, inliers), dict(reranker.seconds)
+    import ray
+
+    from raysearch.runtime import ensure_ray
+
+    ensure_ray()
+    task = ray.remote(num_cpus=1)(rerank_chunk)
+    size = 100
+    refs = [task.remote(searcher.store.index_dir, config, query_uris[i:i + size], result.ids[i:i + size],
+                        result.shard[i:i + size], hit_uris[i:i + size], result.scores[i:i + size],
+                        boxes[i:i + size] if boxes else None)
+            for i in range(0, len(query_uris), size)]
+    parts = []
+    with Progress("verifying", len(query_uris), "queries", enabled=progress) as shown:
+        for i, ref in enumerate(refs):
+            parts.append(ray.get(ref))
+            shown.update(min(size, len(query_uris) - i * size))
+    seconds: dict[str, float] = {}
+    for part in parts:
+        for name, value in part[5].items():
+            seconds[name] = seconds.get(name, 0.0) + value
+    ids, shards, scores, verified, inliers = (np.concatenate([p[j] for p in parts]) for j in range(5))
+    return SearchResult(scores, ids, shards, verified, inliers), seconds
+
+
+def truncate(result: SearchResult, k: int) -> SearchResult:
+    """The first k columns of every array of `result`."""
+    def cut(a):
+        return None if a is None else a[:, :k]
+
+    return SearchResult(cut(result.scores), cut(result.ids), cut(result.shard), cut(result.verified), cut(result.inliers))
+
+
+def query_uris(queries: QuerySet, rows: list[int]) -> list[str]:
+    """The image uris of the query set's rows `rows`; ValueError when the set does not know them
+    (vectors given without images cannot be verified)."""
+    if queries.uris is None:
+        raise ValueError("re-ranking reads the query images: give the queries as a SOURCE of images")
+    return [queries.uris[i] for i in rows]
+
+
+def rerank_head(searcher: Searcher, uris: list[str], result: SearchResult, config: RerankConfig,
+                boxes: list | None = None, in_process_limit: int = IN_PROCESS_LIMIT) -> SearchResult:
+    """Re-rank the first config.k results of each row of a deep ranking and keep the rest after
+    them (a verified hit only gains, an unverified one keeps its score, so the tail stays below)."""
+    k = min(config.k, result.ids.shape[1])
+    head, _ = rerank_queries(searcher, uris, truncate(result, k), config, in_process_limit, boxes=boxes)
+    n, depth = result.ids.shape
+    verified = np.zeros((n, depth), bool)
+    inliers = np.zeros((n, depth), np.int32)
+    verified[:, :k], inliers[:, :k] = head.verified, head.inliers
+    return SearchResult(np.concatenate([head.scores, result.scores[:, k:]], axis=1),
+                        np.concatenate([head.ids, result.ids[:, k:]], axis=1),
+                        np.concatenate([head.shard, result.shard[:, k:]], axis=1), verified, inliers)

@@ -307,3 +307,49 @@ class LocalFeatureFile:
     def cached_bytes(self) -> int:
         """Bytes of decoded arrays held in the row-group cache."""
         return sum(b.nbytes for b in self._cache.values())
+
+
+# ---------------------------------------------------------------------------------------------
+# Build time: one local-features part per embeddings part, gathered into one file per shard
+# ---------------------------------------------------------------------------------------------
+
+# Beside an embeddings folder's vectors parts (`parts/`): the same rows' local features, one part
+# each, named like the vectors part of the same rows (`formats.embeddings.content_name`).
+LOCAL_PARTS = "local-features"
+
+
+def write_local_part(uri: str, rows: Sequence[int], features: Sequence[LocalFeatures], kind: str, dim: int) -> int:
+    """Write the features of listing rows `rows` as one part (an embeddings run writes it before
+    the vectors part of the same rows, so a part counted as done has its features). Returns its
+    size in bytes."""
+    buf = io.BytesIO()
+    pq.write_table(features_table(rows, features, kind, dim), buf, compression="lz4", use_dictionary=False,
+                   row_group_size=ROW_GROUP_SIZE)
+    storage.atomic_write(uri, buf.getvalue())
+    return buf.tell()
+
+
+def gather_local_features(part_uris: Sequence[str], ids: np.ndarray, out_uri: str, kind: str, dim: int,
+                          row_group_size: int = ROW_GROUP_SIZE) -> int:
+    """Write the features of vector ids `ids` (a shard's), found in the local-features parts
+    `part_uris`, as one file at `out_uri`. Streams part by part through a local file (a shard's
+    features need not fit in memory); the file appears whole or not at all. Returns the number of
+    images written (ids without features in any part are left out: verification then reads their
+    image)."""
+    wanted = np.unique(np.asarray(ids, np.int64))
+    schema = local_features_schema(kind, dim)
+    n = 0
+    with storage.atomic_local_file(out_uri) as tmp:
+        with pq.ParquetWriter(tmp, schema, compression="lz4", use_dictionary=False) as writer:
+            for uri in part_uris:
+                fs, path = storage.get_fs(uri)
+                with fs.open(path, "rb") as f:
+                    pf = pq.ParquetFile(f)
+                    part_ids = pf.read(columns=["id"]).column("id").to_numpy()
+                    mask = np.isin(part_ids, wanted)
+                    if not mask.any():
+                        continue
+                    tbl = pf.read().filter(pa.array(mask))
+                writer.write_table(tbl.cast(schema), row_group_size=row_group_size)
+                n += tbl.num_rows
+    return n

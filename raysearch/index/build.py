@@ -12,6 +12,8 @@ merge, tune.
             and find the tuning queries' exact neighbours -> shards/shard-*.index + id maps
     merge   optionally, inverted lists appended into one index
     tune    smallest nprobe / efSearch reaching --target-recall on the held-out queries
+    local   with local features in the embeddings folder (`raysearch build --local`), each
+            shard's gathered into shards/shard-*.local.parquet (Ray tasks, one per shard)
     manifest.json, written last and atomically, with every file's size and checksum
 """
 
@@ -358,12 +360,14 @@ def _run_builder(slices: list, dim: int, threads: int, method: str, *args: Any) 
 
 def build_index(
     embeddings_dir: str, index_dir: str, config: IndexConfig = IndexConfig(), extra_manifest: dict[str, Any] | None = None,
-    build_record: dict[str, Any] | None = None,
+    build_record: dict[str, Any] | None = None, local_features: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Build an index directory from a complete embeddings folder; returns the manifest.
 
     `extra_manifest`: more entries for the manifest (e.g. how the embeddings were augmented);
-    `build_record`: more entries for its "build" record (e.g. the request that made it).
+    `build_record`: more entries for its "build" record (e.g. the request that made it);
+    `local_features`: the images' local features to store beside the shards: the embeddings
+    run's "local" record plus "parts", the folder of its local-features parts.
     """
     timer = Timer()
     emb, parts, sizes, dim = check_parts(embeddings_dir)
@@ -445,12 +449,20 @@ def build_index(
     with timer("tune"):
         search_info = _search_settings(index_dir, shard_entries, index, config, xq, q_rows, results)
 
+    local_record = None
+    if local_features is not None:
+        with timer("local"):
+            local_record = gather_shard_local_features(index_dir, shard_entries, local_features, in_process,
+                                                       progress=config.progress)
+
     errors = read_errors(embeddings_dir)
     buf = pa.BufferOutputStream()
     pq.write_table(errors, buf)
     storage.atomic_write(storage.join(index_dir, ERRORS_FILE), buf.getvalue().to_pybytes())
 
     names = [TRAINED_INDEX, ERRORS_FILE] + [s["name"] for s in shard_entries] + [s["ids_name"] for s in shard_entries]
+    if local_record is not None:
+        names += list(local_record["files"].values())
     manifest = {
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "model": emb["model"],
@@ -487,10 +499,57 @@ def build_index(
         "timings": {k: round(v, 3) for k, v in timer.seconds.items()},
         "files": describe_files(index_dir, names),
         **({"whitening": whitening_record} if whitening_record else {}),
+        **({"local": local_record} if local_record else {}),
         **(extra_manifest or {}),
     }
     write_manifest(index_dir, manifest)
     return manifest
+
+
+def gather_shard_local_features(index_dir: str, shard_entries: list[dict], local: dict[str, Any],
+                                in_process: bool, progress: bool = False) -> dict[str, Any]:
+    """Write each shard's local features (those of the ids in its id map) beside it, from the
+    local-features parts in local["parts"]: one Ray task per shard (in this process for a
+    one-shard build without Ray). Returns the manifest's "local" record: the extractor, the
+    descriptor kind and dimension, {shard name: file name} and the images stored."""
+    from raysearch.formats.embeddings import list_parts
+    from raysearch.formats.local import LOCAL_PARTS, local_features_uri
+
+    parts = list_parts(local["parts"], LOCAL_PARTS)
+    files = {e["name"]: local_features_uri(e["name"]) for e in shard_entries}
+    args = [(parts, storage.join(index_dir, e["ids_name"]), storage.join(index_dir, files[e["name"]]),
+             local["kind"], int(local["dim"])) for e in shard_entries]
+    with Progress("storing local features", len(args), "shards", enabled=progress) as shown:
+        if in_process:
+            counts = []
+            for a in args:
+                counts.append(_gather_shard(*a))
+                shown.update(1)
+        else:
+            import ray
+
+            remote = ray.remote(num_cpus=1, scheduling_strategy="SPREAD")(_gather_shard)
+            refs = [remote.remote(*a) for a in args]
+            pending = list(refs)
+            while pending:
+                _, pending = ray.wait(pending, num_returns=1)
+                shown.update(1)
+            counts = ray.get(refs)
+    n_vectors = sum(int(e["ntotal"]) for e in shard_entries)
+    if sum(counts) < n_vectors:
+        log.warning("local features stored for %d of %d vectors; verification reads the others' images",
+                    sum(counts), n_vectors)
+    return {"extractor": local["extractor"], "kind": local["kind"], "dim": int(local["dim"]),
+            "files": files, "n_images": int(sum(counts))}
+
+
+def _gather_shard(parts: list[str], ids_uri: str, out_uri: str, kind: str, dim: int) -> int:
+    from raysearch.formats.local import gather_local_features
+
+    fs, path = storage.get_fs(ids_uri)
+    with fs.open(path, "rb") as f:
+        ids = pq.read_table(f, columns=["id"]).column("id").to_numpy()
+    return gather_local_features(parts, ids, out_uri, kind, dim)
 
 
 def _train(index: faiss.Index, xt: np.ndarray, config: IndexConfig) -> dict:

@@ -26,6 +26,10 @@ class SearchResult:
     scores: np.ndarray
     ids: np.ndarray
     shard: np.ndarray
+    # With local verification (raysearch.rerank): per hit, whether its geometry was verified and
+    # its inlier count, each (nq, k); None without it.
+    verified: np.ndarray | None = None
+    inliers: np.ndarray | None = None
 
     @classmethod
     def empty(cls, k: int) -> SearchResult:

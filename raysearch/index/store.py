@@ -202,6 +202,11 @@ class IndexStore:
         verify_file(self.index_dir, name, expected, checksum=self.verify)
         return local_file(self.index_dir, name, expected)
 
+    def local_path(self, name: str) -> str:
+        """A local path for the index file `name` (a remote index's file is copied to the cache),
+        checked against the manifest like every file the index loads."""
+        return self._checked_local(name)
+
     def verify_files(self) -> None:
         """Check every file the manifest lists (size and checksum); IndexFormatError names the
         first one that does not match."""

@@ -4,9 +4,14 @@
                     or `vector` (one, or a list); `k` (1..1000) and optional `nprobe` in the same body
     GET  /healthz   200 when every shard and the embedder answer, else 503 naming what is missing
     GET  /stats     model, dim, count, shards, factory, nprobe, replicas
+    GET  /          a search page: upload an image, see the top-k as thumbnails
+    GET  /images/{image_id}   a JPEG thumbnail of an indexed image (only images the index holds)
+    GET  /metrics   Prometheus text format: requests, latency per stage, partial answers, errors
+    GET  /docs      the OpenAPI description in Swagger UI, served from the package (no CDN)
 
-Every error is JSON `{"error": "..."}` with a 4xx/5xx status. The API never reads a server-side
-path or fetches a URL: queries arrive as bytes or vectors in the request body.
+Every error is JSON `{"error": "..."}` with a 4xx/5xx status. Queries arrive as bytes or vectors
+in the request body: the API never reads a path or fetches a URL that a request names; the only
+files it reads are the indexed images' own uris, for their thumbnails.
 """
 
 from __future__ import annotations
@@ -16,27 +21,39 @@ import binascii
 import hashlib
 import hmac
 import json
+import asyncio
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.security import HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from raysearch.images import DecodeError
 from raysearch.search import MAX_K, check_k, check_queries
 from raysearch.serve.config import MAX_NPROBE
+from raysearch.serve.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from raysearch.serve.metrics import STATIC_DOCS, MetricsMiddleware, ServiceMetrics
+
+if TYPE_CHECKING:
+    from raysearch.serve.images import IndexedImages
 
 log = logging.getLogger("raysearch.serve")
 
 # Paths that answer without the API key: load balancers probe /healthz, and the OpenAPI
-# description holds no data.
-OPEN_PATHS = frozenset({"/healthz", "/docs", "/docs/oauth2-redirect", "/openapi.json", "/redoc"})
+# description, the docs' own scripts and the search page (which sends the key itself) hold no data.
+OPEN_PATHS = frozenset({"/", "/healthz", "/docs", "/docs/oauth2-redirect", "/openapi.json", "/redoc"})
+OPEN_PREFIXES = (STATIC_DOCS + "/",)
+THUMBNAIL_DEFAULT = 256
+PAGE_THUMBNAIL = 160
+SECURITY_SCHEME = "bearerAuth"
 
 
 class ApiError(Exception):
@@ -318,7 +335,8 @@ class BearerAuth:
         self.key_sha256 = key_sha256
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or self.key_sha256 is None or _route_path(scope) in OPEN_PATHS:
+        path = _route_path(scope) if scope["type"] == "http" else ""
+        if scope["type"] != "http" or self.key_sha256 is None or path in OPEN_PATHS or path.startswith(OPEN_PREFIXES):
             return await self.app(scope, receive, send)
         header = dict(scope.get("headers") or []).get(b"authorization", b"").decode("latin-1")
         scheme, _, token = header.partition(" ")
@@ -383,8 +401,10 @@ class BodySizeLimit:
 # ---------------------------------------------------------------------------------------------
 
 
-async def answer_search(request: Request, backend: SearchBackend, settings: ApiSettings) -> Response:
-    """One search request -> its JSON answer. Raises ApiError for a request it refuses."""
+async def answer_search(request: Request, backend: SearchBackend, settings: ApiSettings,
+                        metrics: ServiceMetrics | None = None, images: "IndexedImages | None" = None) -> Response:
+    """One search request -> its JSON answer (counted in `metrics`; its hits remembered by `images`
+    for their thumbnails). Raises ApiError for a request it refuses."""
     start = time.perf_counter()
     if request.query_params:
         raise ApiError(422, f"unknown query parameter(s) {sorted(request.query_params)}; "
@@ -401,6 +421,11 @@ async def answer_search(request: Request, backend: SearchBackend, settings: ApiS
         answer = await backend.search_images(parsed.images, parsed.k, parsed.nprobe)
     else:
         answer = await backend.search_vectors(parsed.vectors, parsed.k, parsed.nprobe)  # type: ignore[arg-type]
+    if metrics is not None:
+        n = len(parsed.images) if parsed.images is not None else len(parsed.vectors)  # type: ignore[arg-type]
+        metrics.observe_answer(n, "image" if parsed.images is not None else "vector", answer.missing_shards)
+    if images is not None:
+        images.remember(h for hits in answer.results for h in hits)
     # Serialised here: the hits are plain dicts already, and FastAPI's response_model check of
     # every hit would only repeat what the service built.
     body = json.dumps({
@@ -427,17 +452,20 @@ class SearchRoute:
     any other exception goes up to the app's 500 handler as before.
     """
 
-    def __init__(self, app, backend: SearchBackend, settings: ApiSettings):
+    def __init__(self, app, backend: SearchBackend, settings: ApiSettings, metrics: ServiceMetrics | None = None,
+                 images: "IndexedImages | None" = None):
         self.app = app
         self.backend = backend
         self.settings = settings
+        self.metrics = metrics
+        self.images = images
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope["method"] != "POST" or _route_path(scope) != "/search":
             return await self.app(scope, receive, send)
         request = Request(scope, receive)
         try:
-            response = await answer_search(request, self.backend, self.settings)
+            response = await answer_search(request, self.backend, self.settings, self.metrics, self.images)
         except ApiError as e:
             response = error_response(e)
         await response(scope, receive, send)
@@ -448,16 +476,34 @@ class SearchRoute:
 # ---------------------------------------------------------------------------------------------
 
 
-def create_api(backend: SearchBackend, settings: ApiSettings) -> FastAPI:
-    """The FastAPI app serving `backend`; built per Ingress replica."""
+def create_api(backend: SearchBackend, settings: ApiSettings, metrics: ServiceMetrics | None = None,
+               images: "IndexedImages | None" = None) -> FastAPI:
+    """The FastAPI app serving `backend`; built per Ingress replica. `metrics`: this replica's
+    registry (a new one when None), served at /metrics; `images`: the index's images for
+    /images/{image_id} (without it that route answers 404 for every id)."""
+    from fastapi_offline import FastAPIOffline
+
+    from raysearch.pages.render import render
     from raysearch.version import __version__
 
-    api = FastAPI(
+    metrics = metrics if metrics is not None else ServiceMetrics()
+    # FastAPIOffline serves Swagger UI's and ReDoc's scripts from the package (STATIC_DOCS):
+    # /docs works without internet access.
+    api = FastAPIOffline(
         title="raysearch",
         version=__version__,
         description="Image similarity search over a raysearch index. Send images or vectors to "
-        "POST /search; errors are JSON {\"error\": ...}.",
+        "POST /search; errors are JSON {\"error\": ...}."
+        + (" Every data route needs `Authorization: Bearer <key>`: press Authorize and paste the key."
+           if settings.api_key_sha256 else ""),
+        static_url=STATIC_DOCS,
+        swagger_ui_parameters={"persistAuthorization": True},
     )
+    # Declares the bearer scheme in the OpenAPI description (so Swagger's "Try it out" sends the
+    # key); the check itself is BearerAuth's, before any route runs.
+    bearer = HTTPBearer(auto_error=False, scheme_name=SECURITY_SCHEME,
+                        description="The service's API key (raysearch serve --api-key, or $RAYSEARCH_API_KEY).")
+    keyed = [Depends(bearer)] if settings.api_key_sha256 else []
 
     @api.exception_handler(ApiError)
     async def _api_error(_: Request, e: ApiError) -> JSONResponse:
@@ -484,20 +530,62 @@ def create_api(backend: SearchBackend, settings: ApiSettings) -> FastAPI:
         responses=_ERRORS,
         openapi_extra=_SEARCH_OPENAPI,
         summary="Search the index with images or vectors",
+        dependencies=keyed,
     )
     async def search(request: Request) -> Response:
-        return await answer_search(request, backend, settings)
+        return await answer_search(request, backend, settings, metrics, images)
 
     @api.get("/healthz", summary="Ready when every shard and the embedder answer")
     async def healthz() -> JSONResponse:
         ok, info = await backend.health()
         return JSONResponse({"status": "ok" if ok else "unavailable", **info}, status_code=200 if ok else 503)
 
-    @api.get("/stats", summary="What is served: model, dim, count, shards, factory, nprobe, replicas")
+    @api.get("/stats", summary="What is served: model, dim, count, shards, factory, nprobe, replicas", dependencies=keyed)
     async def stats() -> dict[str, Any]:
         return backend.stats()
 
-    api.add_middleware(SearchRoute, backend=backend, settings=settings)  # innermost: after the checks
+    @api.get(
+        "/images/{image_id:path}",
+        summary="A JPEG thumbnail of an indexed image",
+        response_class=Response,
+        responses={200: {"content": {"image/jpeg": {}}, "description": "The thumbnail."},
+                   **{s: {"model": ErrorResponse} for s in (401, 404, 422)}},
+        dependencies=keyed,
+    )
+    async def image(image_id: str, size: int = Query(THUMBNAIL_DEFAULT, ge=16, le=1024,
+                                                   description="Longest side in pixels.")) -> Response:
+        """Only images the index holds: `image_id` is looked up in the shards' id maps, and the
+        file read is the uri recorded there."""
+        if images is None:
+            raise ApiError(404, f"image {image_id!r} is not in the index")
+        try:
+            jpeg = await asyncio.to_thread(images.thumbnail, image_id, size)
+        except DecodeError as e:
+            raise ApiError(422, f"image {image_id!r} is indexed but is not a usable image any more: {e.reason}") from None
+        except OSError as e:
+            raise ApiError(404, f"image {image_id!r} is indexed but its file cannot be read: {e}") from None
+        if jpeg is None:
+            raise ApiError(404, f"image {image_id!r} is not in the index")
+        # private: thumbnails may sit behind an API key, so shared caches must not keep them.
+        return Response(jpeg, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=3600"})
+
+    @api.get("/metrics", summary="Prometheus metrics of this replica (text format)", response_class=Response,
+             responses={200: {"content": {METRICS_CONTENT_TYPE: {}}}}, dependencies=keyed)
+    async def prometheus_metrics() -> Response:
+        return Response(metrics.exposition(), media_type=METRICS_CONTENT_TYPE)
+
+    @api.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def page(request: Request) -> HTMLResponse:
+        info = backend.stats()
+        return HTMLResponse(render(
+            "service.html.j2", title="raysearch", subtitle=str(info.get("index_dir", "")), version=__version__,
+            base=(request.scope.get("root_path") or "").rstrip("/"), needs_key=settings.api_key_sha256 is not None,
+            k=10, max_k=MAX_K, thumb_size=PAGE_THUMBNAIL, count=info.get("count", 0),
+            shards=len(info.get("shards", []) or []),
+        ))
+
+    api.add_middleware(SearchRoute, backend=backend, settings=settings, metrics=metrics, images=images)  # innermost
     api.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
-    api.add_middleware(BearerAuth, key_sha256=settings.api_key_sha256)  # outermost: runs first
+    api.add_middleware(BearerAuth, key_sha256=settings.api_key_sha256)
+    api.add_middleware(MetricsMiddleware, metrics=metrics, path_of=_route_path)  # outermost: counts refusals too
     return api

@@ -1,7 +1,7 @@
 """Composing the Serve application for one index, and starting it.
 
 `build_app(config)` returns the bound application (Ingress <- QueryEmbedder + one ShardSearcher per
-shard); nothing runs until it is passed to `serve.run` (`start_service` does that) or deployed with
+shard, + a LocalVerifier with --rerank local); nothing runs until it is passed to `serve.run` (`start_service` does that) or deployed with
 `serve deploy cluster/serve_config.yaml`, whose `import_path` names `app_builder`.
 """
 
@@ -46,6 +46,9 @@ def index_info(store: "IndexStore", config: ServeConfig, plan: ResourcePlan) -> 
         "nprobe_tuned": bool(m.get("search", {}).get("tuned", False)),
         # The service answers without query expansion (see build_app); reported so clients know.
         "query_expansion_applied": False,
+        # Image queries' top rerank_k verified with local features (raysearch.rerank), or None.
+        "rerank": {"method": config.rerank, "k": config.rerank_k, "mirror": config.rerank_mirror,
+                   "replicas": config.verifier_replicas} if config.rerank else None,
         "shards": [{"name": shard_label(s.name), "count": s.ntotal} for s in store.shards],
         "shard_names": [shard_label(s.name) for s in store.shards],
         "replicas": {"ingress": config.replicas, "embedder": config.replicas,
@@ -97,7 +100,7 @@ def build_app(config: ServeConfig) -> "Application":
     """
     from raysearch.serve.api import hash_api_key
     from raysearch.index.store import IndexStore
-    from raysearch.serve.deployments import Ingress, QueryEmbedder, ShardSearcher
+    from raysearch.serve.deployments import Ingress, LocalVerifier, QueryEmbedder, ShardSearcher
 
     store = IndexStore(config.index_dir, verify=False)
     needs_cluster = any(v is None for v in (config.ingress_cpus, config.embedder_cpus,
@@ -139,6 +142,19 @@ def build_app(config: ServeConfig) -> "Application":
                config.search_batch_size, config.search_batch_wait_s)
         for i in range(len(store.shards))
     ]
+    verifier = None
+    if config.rerank:
+        from raysearch.rerank import LocalReranker, RerankConfig
+
+        RerankConfig(k=config.rerank_k, mirror=config.rerank_mirror)   # refuse a bad k before deploying
+        LocalReranker.check_index(store)
+        verifier_cpus = 1.0 if config.verifier_cpus is None else config.verifier_cpus
+        verifier = LocalVerifier.options(
+            num_replicas=config.verifier_replicas,
+            ray_actor_options={"num_cpus": verifier_cpus},
+            **common, **quiet,
+        ).bind(store.index_dir, {"k": config.rerank_k, "mirror": config.rerank_mirror},
+               max(1, int(verifier_cpus)))
     settings = {
         "shard_timeout_s": config.shard_timeout_s,
         "embed_timeout_s": config.embed_timeout_s,
@@ -146,6 +162,7 @@ def build_app(config: ServeConfig) -> "Application":
         "max_queries": config.max_queries,
         "max_image_pixels": config.max_image_pixels,
         "api_key_sha256": hash_api_key(config.api_key) if config.api_key else None,
+        "rerank_k": config.rerank_k if config.rerank else 0,
         # Searching in the ingress: the shards are opened there, with the searcher's share of CPUs.
         "local_shards": {"index_dir": store.index_dir, "verify": config.verify, "threads": plan.search_threads,
                          "batch_size": config.search_batch_size, "batch_wait_s": config.search_batch_wait_s}
@@ -156,7 +173,7 @@ def build_app(config: ServeConfig) -> "Application":
         ray_actor_options={"num_cpus": plan.ingress_cpus + (plan.shard_cpus if local else 0.0)},
         logging_config={"enable_access_log": config.access_log},
         **common,
-    ).bind(embedder, shards, index_info(store, config, plan), settings)
+    ).bind(embedder, shards, index_info(store, config, plan), settings, verifier)
 
 
 def app_builder(args: dict[str, Any]) -> "Application":

@@ -51,6 +51,13 @@ class ServeConfig:
     # Search every shard inside each Ingress replica (opened there) instead of one
     # ShardSearcher deployment per shard: one Ray hop less per query, for indexes one replica holds.
     shards_in_ingress: bool = False
+    # Second stage (raysearch.rerank): "local" verifies each image query's top rerank_k with local
+    # features and geometry in a LocalVerifier deployment after the shard merge.
+    rerank: str | None = None
+    rerank_k: int = 20
+    rerank_mirror: bool = False
+    verifier_replicas: int = 1
+    verifier_cpus: float | None = None
 
     def __post_init__(self) -> None:
         if not self.index_dir:
@@ -62,7 +69,7 @@ class ServeConfig:
         if not self.route_prefix.startswith("/"):
             raise ValueError(f"route_prefix must start with '/', got {self.route_prefix!r}")
         for name in ("replicas", "shard_replicas", "max_queries", "embed_batch_size", "search_batch_size",
-                     "max_ongoing_requests", "max_body_bytes", "max_image_pixels"):
+                     "max_ongoing_requests", "max_body_bytes", "max_image_pixels", "verifier_replicas", "rerank_k"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         for name in ("shard_timeout_s", "embed_timeout_s", "health_check_period_s"):
@@ -71,7 +78,9 @@ class ServeConfig:
         for name in ("embed_batch_wait_s", "search_batch_wait_s"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("ingress_cpus", "embedder_cpus", "embedder_gpus", "shard_cpus"):
+        if self.rerank is not None and self.rerank != "local":
+            raise ValueError(f"--rerank must be 'local', got {self.rerank!r}")
+        for name in ("ingress_cpus", "embedder_cpus", "embedder_gpus", "shard_cpus", "verifier_cpus"):
             value = getattr(self, name)
             if value is not None and value < 0:
                 raise ValueError(f"{name} must be >= 0, got {value}")

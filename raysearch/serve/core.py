@@ -40,12 +40,23 @@ class ShardHits:
 
 @dataclass
 class MergedHits:
-    """The global top-k of a request over the shards that answered, shaped like ShardHits."""
+    """The global top-k of a request over the shards that answered, shaped like ShardHits, with
+    each hit's shard (int32, -1 where none) and, after verification (raysearch.rerank), whether it
+    was verified and its inlier count."""
 
     scores: np.ndarray
     ids: np.ndarray
     image_ids: np.ndarray
     uris: np.ndarray
+    shards: np.ndarray | None = None
+    verified: np.ndarray | None = None
+    inliers: np.ndarray | None = None
+
+    def row(self, q: int, order: np.ndarray | None = None) -> "MergedHits":
+        """Query q's hits (one row), in `order` (positions) when given."""
+        pick = (lambda a: None if a is None else (a[q] if order is None else a[q][order])[None, :])
+        return MergedHits(*(pick(getattr(self, f)) for f in ("scores", "ids", "image_ids", "uris", "shards",
+                                                              "verified", "inliers")))
 
 
 class NoShardAnswered(RuntimeError):
@@ -127,10 +138,12 @@ def merge_shard_hits(hits: list[ShardHits | None], k: int) -> MergedHits:
     simply absent; the caller reports the answer as partial). Raises NoShardAnswered if every
     entry is None.
     """
-    present = [h for h in hits if h is not None]
+    present_at = [i for i, h in enumerate(hits) if h is not None]
+    present = [hits[i] for i in present_at]
     if not present:
         raise NoShardAnswered("no shard answered")
     merged = merge_topk([h.scores for h in present], [h.ids for h in present], k, keep_max=True)
+    shards = np.where(merged.source >= 0, np.asarray(present_at, np.int32)[np.clip(merged.source, 0, None)], -1)
     nq = merged.I.shape[0]
     found = merged.I >= 0
     image_ids = np.full((nq, k), None, dtype=object)
@@ -142,25 +155,38 @@ def merge_shard_hits(hits: list[ShardHits | None], k: int) -> MergedHits:
             rows, cols = np.nonzero(mask)
             image_ids[rows, cols] = h.image_ids[rows, merged.rank[rows, cols]]
             uris[rows, cols] = h.uris[rows, merged.rank[rows, cols]]
-    return MergedHits(merged.D, merged.I, image_ids, uris)
+    return MergedHits(merged.D, merged.I, image_ids, uris, shards.astype(np.int32))
 
 
 def hits_to_json(merged: MergedHits) -> list[list[dict[str, Any]]]:
-    """One list per query of {"rank", "id", "uri", "score"}, best first; empty slots are dropped."""
+    """One list per query of {"rank", "id", "uri", "score"} (and "verified", "inliers" after
+    verification), best first; empty slots are dropped."""
     out = []
     for q in range(merged.ids.shape[0]):
         row = []
         for r in range(merged.ids.shape[1]):
             if merged.ids[q, r] < 0:
                 break
-            row.append({
+            hit = {
                 "rank": r + 1,
                 "id": merged.image_ids[q, r],
                 "uri": merged.uris[q, r],
                 "score": float(merged.scores[q, r]),
-            })
+            }
+            if merged.verified is not None:
+                hit.update(verified=bool(merged.verified[q, r]), inliers=int(merged.inliers[q, r]))
+            row.append(hit)
         out.append(row)
     return out
+
+
+def concat_hits(rows: list[MergedHits]) -> MergedHits:
+    """Rows (one query each) stacked back into one MergedHits."""
+    def cat(name: str):
+        parts = [getattr(r, name) for r in rows]
+        return None if any(p is None for p in parts) else np.concatenate(parts)
+
+    return MergedHits(*(cat(f) for f in ("scores", "ids", "image_ids", "uris", "shards", "verified", "inliers")))
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import time
 from typing import Any
 
 import numpy as np
@@ -21,16 +22,20 @@ from ray import serve
 
 from raysearch.serve.api import ApiError, ApiSettings, SearchAnswer, create_api
 from raysearch.serve.core import (
+    MergedHits,
     NoShardAnswered,
     OpenShards,
     ShardHits,
     ShardQuery,
+    concat_hits,
     hits_to_json,
     merge_shard_hits,
     open_shards,
     search_shard,
     search_shard_group,
 )
+from raysearch.serve.images import IndexedImages
+from raysearch.serve.metrics import EMBED, MERGE, RERANK, SEARCH, ServiceMetrics
 
 log = logging.getLogger("raysearch.serve")
 
@@ -133,17 +138,75 @@ class ShardSearcher:
         return self.batches.summary()
 
 
+@serve.deployment(name="LocalVerifier")
+class LocalVerifier:
+    """The second stage (raysearch.rerank): verifies a query's merged candidates with local
+    features and geometry and re-orders them by fused score, exactly as `raysearch search --rerank
+    local` does. Opens the index's stored local features once (or extracts the candidates' from
+    their images when the index holds none)."""
+
+    def __init__(self, index_dir: str, config: dict[str, Any], threads: int, batch_size: int = 8):
+        import cv2
+
+        from raysearch.index.store import IndexStore
+        from raysearch.rerank import LocalReranker, RerankConfig
+
+        # One replica owns its CPU share: OpenCV and BLAS threads beyond it only contend.
+        cv2.setNumThreads(max(1, threads))
+        self.reranker = LocalReranker(IndexStore(index_dir, verify=False), RerankConfig(**config))
+        self.verify_batch.set_max_batch_size(batch_size)
+        self.batches = _BatchLog()
+
+    async def verify(self, image: bytes, hits: MergedHits) -> MergedHits:
+        """One query: its image bytes and its merged candidates (one row) -> the row re-ordered
+        by fused score, with verified and inliers set. Batched with concurrent queries."""
+        return await self.verify_batch((image, hits))
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.0)
+    async def verify_batch(self, requests: list[tuple[bytes, MergedHits]]) -> list[MergedHits]:
+        """The queries waiting together, verified one after another in a worker thread (OpenCV
+        and BLAS release the GIL, so the event loop keeps taking requests)."""
+        self.batches.add(len(requests))
+        return await asyncio.to_thread(lambda: [self._verify_one(image, hits) for image, hits in requests])
+
+    def _verify_one(self, image: bytes, hits: MergedHits) -> MergedHits:
+        from raysearch.images import DecodeError
+
+        n = hits.ids.shape[1]
+        try:
+            query, mirrored = self.reranker.query_features(image)
+        except DecodeError:   # the ingress decoded it already: only an image it could not use lands here
+            out = hits.row(0)
+            out.verified, out.inliers = np.zeros((1, n), bool), np.zeros((1, n), np.int32)
+            return out
+        row = self.reranker.rerank(query, mirrored, hits.ids[0], hits.shards[0], hits.uris[0], hits.scores[0])
+        out = hits.row(0, row.order)
+        out.scores, out.verified, out.inliers = row.scores[None, :], row.verified[None, :], row.inliers[None, :]
+        return out
+
+    def ping(self) -> bool:
+        """True: answers health checks (the Ingress's GET /healthz); not batched."""
+        return True
+
+    def batch_stats(self) -> dict[str, Any]:
+        """Number, largest and mean size (queries) of this replica's last verification batches."""
+        return self.batches.summary()
+
+
 @serve.deployment(name="Ingress")
 @serve.ingress()
 class Ingress:
     """Validates requests, embeds images, fans out to every shard, merges; serves the FastAPI app."""
 
-    def __init__(self, embedder, shards: list, index_info: dict[str, Any], settings: dict[str, Any]):
+    def __init__(self, embedder, shards: list, index_info: dict[str, Any], settings: dict[str, Any],
+                 verifier=None):
         from raysearch.images import MAX_PIXELS
         from raysearch.models.spec import ModelSpec
 
         self.embedder = embedder
         self.shards = shards
+        self.verifier = verifier                       # the LocalVerifier deployment, or None
+        self.rerank_k = int(settings.get("rerank_k") or 0)
         self.info = index_info
         self.dim = int(index_info["dim"])
         self.shard_names: list[str] = list(index_info["shard_names"])
@@ -166,10 +229,13 @@ class Ingress:
             max_queries=int(settings["max_queries"]),
             api_key_sha256=settings.get("api_key_sha256"),
         )
+        # This replica's Prometheus registry (GET /metrics) and the indexed images (GET /images/...).
+        self.metrics = ServiceMetrics(n_vectors=int(index_info["count"]), n_shards=len(self.shard_names))
+        self.images = IndexedImages(index_info["index_dir"], max_pixels=self.max_image_pixels)
 
     def __serve_build_asgi_app__(self):
         # Built per replica, after __init__: the routes close over this replica's handles.
-        return create_api(self, self.api_settings)
+        return create_api(self, self.api_settings, self.metrics, self.images)
 
     # -- the SearchBackend protocol -------------------------------------------------------
 
@@ -180,6 +246,7 @@ class Ingress:
         Raises ApiError: 400 for an image that does not decode, 503 when the embedder fails or
         does not answer within embed_timeout_s, 422 for a non-finite embedding.
         """
+        started = time.perf_counter()
         pixels = await asyncio.gather(*(asyncio.to_thread(self._preprocess, i, data, len(images) > 1)
                                         for i, data in enumerate(images)))
         calls = [self.embedder.embed.remote(p) for p in pixels]
@@ -193,9 +260,25 @@ class Ingress:
             log.warning("query embedder failed: %s", e)
             raise ApiError(503, f"the query embedder failed ({type(e).__name__}); retry shortly") from None
         xq = np.stack(vectors).astype(np.float32)
+        self.metrics.observe_stage(EMBED, time.perf_counter() - started)
         if not np.isfinite(xq).all():
             raise ApiError(422, "the model produced a non-finite embedding for this image")
-        return await self.search_vectors(xq, k, nprobe)
+        if self.verifier is None:
+            return await self.search_vectors(xq, k, nprobe)
+        merged, missing = await self._search_merged(xq, max(k, self.rerank_k), nprobe)
+        started = time.perf_counter()
+        try:
+            rows = await asyncio.gather(*(self.verifier.verify.remote(image, merged.row(q))
+                                          for q, image in enumerate(images)))
+        except Exception as e:  # noqa: BLE001 - a dead or failing verifier replica: retryable
+            log.warning("local verifier failed: %s", e)
+            raise ApiError(503, f"the local verifier failed ({type(e).__name__}); retry shortly") from None
+        self.metrics.observe_stage(RERANK, time.perf_counter() - started)
+        verified = concat_hits(rows)
+        verified = MergedHits(*(None if a is None else a[:, :k] for a in (
+            verified.scores, verified.ids, verified.image_ids, verified.uris, verified.shards,
+            verified.verified, verified.inliers)))
+        return SearchAnswer(hits_to_json(verified), partial=bool(missing), missing_shards=missing)
 
     async def search_vectors(self, xq: np.ndarray, k: int, nprobe: int | None) -> SearchAnswer:
         """Query vectors xq (n, dim) float32 -> the exact top `k` of each over the shards that
@@ -204,28 +287,41 @@ class Ingress:
 
         Raises ApiError 503 when no shard answered.
         """
+        merged, missing = await self._search_merged(xq, k, nprobe)
+        # Vector queries carry no image to verify: their hits are the first stage's.
+        return SearchAnswer(hits_to_json(merged), partial=bool(missing), missing_shards=missing)
+
+    async def _search_merged(self, xq: np.ndarray, k: int, nprobe: int | None) -> tuple[MergedHits, list[str]]:
+        """The exact top `k` over the shards that answered, and the names of those that did not."""
+        started = time.perf_counter()
         hits = await self._ask_shards(ShardQuery(xq, k, nprobe))
+        self.metrics.observe_stage(SEARCH, time.perf_counter() - started)
         missing = [name for name, h in zip(self.shard_names, hits) if h is None]
+        started = time.perf_counter()
         try:
             merged = merge_shard_hits(hits, k)
         except NoShardAnswered:
             raise ApiError(503, f"no shard answered within {self.shard_timeout_s:g} s",
                            {"partial": True, "missing_shards": missing}) from None
-        # Re-ranking of the merged candidates (e.g. query expansion) belongs here, between the
-        # exact merge and the answer.
-        return SearchAnswer(hits_to_json(merged), partial=bool(missing), missing_shards=missing)
+        self.metrics.observe_stage(MERGE, time.perf_counter() - started)
+        return merged, missing
 
     async def health(self) -> tuple[bool, dict[str, Any]]:
         """Ping the embedder and every ShardSearcher (up to min(shard_timeout_s, 5) s each) ->
         (ready, {"shards", "missing_shards", "embedder"}); not batched."""
         timeout = min(self.shard_timeout_s, 5.0)
-        embedder_ok, *shards_ok = await asyncio.gather(
-            self._ping(self.embedder, timeout), *(self._ping(h, timeout) for h in self.shards)
+        extra = [self._ping(self.verifier, timeout)] if self.verifier is not None else []
+        embedder_ok, *rest = await asyncio.gather(
+            self._ping(self.embedder, timeout), *(self._ping(h, timeout) for h in self.shards), *extra
         )
+        shards_ok = rest[: len(self.shards)]
+        verifier_ok = rest[len(self.shards)] if extra else True
         missing = [name for name, ok in zip(self.shard_names, shards_ok) if not ok]
         n_shards = len(self.local.shards) if self.local is not None else len(self.shards)
         info = {"shards": n_shards, "missing_shards": missing, "embedder": embedder_ok}
-        return embedder_ok and not missing, info
+        if extra:
+            info["verifier"] = verifier_ok
+        return embedder_ok and verifier_ok and not missing, info
 
     def stats(self) -> dict[str, Any]:
         """What GET /stats answers: `index_info` with the model's name instead of its spec, and

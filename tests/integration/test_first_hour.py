@@ -242,6 +242,11 @@ def test_serve_stops_quietly_on_sigterm(flat_index):
         if "press Ctrl-C" in line:
             break
     assert any("press Ctrl-C" in line for line in lines), "".join(lines)
+    import httpx
+
+    for _ in range(3):   # requests must not each print an access line
+        answer = httpx.post(f"http://127.0.0.1:{port}/search", json={"vector": [0.1] * 1280, "k": 2}, timeout=60)
+        assert answer.status_code == 200, answer.text
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
     everything = "".join(lines) + out + err

@@ -379,13 +379,14 @@ def test_cli_query_prints_what_cli_search_prints(service, index_dir, photo_folde
     remote = runner.invoke(cli_app, ["query", url, *queries, str(bad), "-k", "4", "--format", "csv",
                                      "--api-key", API_KEY])
     assert local.exit_code == 0, local.output
-    assert remote.exit_code == 0, remote.output
+    assert remote.exit_code == 1, remote.output  # one query failed: the rows print, the exit says so
     local_rows, remote_rows = _csv(local.stdout), _csv(remote.stdout)
     assert remote_rows[0] == ["query", "rank", "id", "uri", "score"] == local_rows[0]
     assert [r[:4] for r in remote_rows[1:13]] == [r[:4] for r in local_rows[1:]]
     np.testing.assert_allclose([float(r[4]) for r in remote_rows[1:13]], [float(r[4]) for r in local_rows[1:]],
                                atol=1e-4)
-    assert remote_rows[13][0] == str(bad) and remote_rows[13][1:] == ["", "", "", ""]  # an error row
+    assert len(remote_rows) == 13                       # the failed query has no row: stderr names it
+    assert str(bad) in remote.stderr and "not an image" in remote.stderr
 
     as_json = runner.invoke(cli_app, ["query", url, queries[0], str(bad), "-k", "2", "--format", "json"],
                             env={"RAYSEARCH_API_KEY": API_KEY})

@@ -17,13 +17,15 @@ PACKAGE = Path(__file__).resolve().parents[2] / "raysearch"
 # Module-name prefixes by floor, bottom first; the longest matching prefix decides.
 FLOORS: dict[int, tuple[str, ...]] = {
     1: ("raysearch.version", "raysearch.storage", "raysearch.runtime", "raysearch.errors", "raysearch.images",
-        "raysearch.samples", "raysearch.progress", "raysearch.metrics"),
+        "raysearch.samples", "raysearch.progress", "raysearch.metrics",
+        # Rendering: templates, thumbnails, plots, the search results page, headless Chromium.
+        "raysearch.pages"),
     2: ("raysearch.sources", "raysearch.models", "raysearch.edits"),
     3: ("raysearch.formats", "raysearch.datasets"),
     4: ("raysearch.embed", "raysearch.index"),
-    5: ("raysearch.search", "raysearch.verify"),
+    5: ("raysearch.search", "raysearch.rerank", "raysearch.verify"),
     6: ("raysearch.build", "raysearch.add", "raysearch.activate", "raysearch.serve", "raysearch.train"),
-    7: ("raysearch.evaluate",),
+    7: ("raysearch.evaluate", "raysearch.pages.reports"),   # the report pages read the evaluations' reports
     8: ("raysearch.cli", "raysearch.demo", "raysearch.api", "raysearch.__main__"),
 }
 FACE = "raysearch"   # the package itself: the top floor (it may hand on the Python API)
