@@ -10,7 +10,7 @@ from typing import Any
 
 
 from raysearch import storage
-from raysearch.embed import EmbedConfig, EmbedSummary, embed_source
+from raysearch.embed import EmbedConfig, EmbedSummary, embed_source, local_record
 from raysearch.formats.embeddings import check_embeddings_model, load_embeddings_manifest, resolve_embeddings_folder
 from raysearch.index.build import IndexConfig, build_index, check_index_request
 from raysearch.index.dba import DBA_EMBEDDINGS_SUBDIR, augment_embeddings
@@ -43,13 +43,14 @@ class BuildResult:
 
 
 def build_request(source: str, spec: dict, index_config: IndexConfig, dba: DatabaseAugmentation | None,
-                  query_expansion: QueryExpansion | None) -> dict[str, Any]:
+                  query_expansion: QueryExpansion | None, local: dict | None = None) -> dict[str, Any]:
     """What a build was asked for, as stored in its manifest: a rerun asking for the same finds the
     index complete instead of refusing the folder."""
     index = {k: v for k, v in dataclasses.asdict(index_config).items() if k != "progress"}
     return json.loads(json.dumps({
         "source": source, "model": spec, "index": index,
         "dba": dba.to_dict() if dba else None, "query_expansion": query_expansion.to_dict() if query_expansion else None,
+        "local": local["extractor"] if local else None,
     }, default=str))
 
 
@@ -103,7 +104,8 @@ def build(
     """
     spec = resolve_model(embed_config.model)  # fail on a bad model before touching the output
     open_source(source)  # fail on a missing source before touching the output
-    request = build_request(source, spec.to_dict(), index_config, dba, query_expansion)
+    local = local_record(embed_config.local)  # and on local features this machine cannot extract
+    request = build_request(source, spec.to_dict(), index_config, dba, query_expansion, local)
     if prepare_output_dir(index_dir, overwrite, request=request) == "complete":
         return BuildResult(index_dir, None, storage.read_json(storage.join(index_dir, MANIFEST)), complete_before=True)
     embeddings_dir = storage.join(index_dir, EMBEDDINGS_SUBDIR)

@@ -10,8 +10,10 @@ yet.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -26,17 +28,21 @@ from raysearch.formats.embeddings import (
     EMBEDDINGS_MANIFEST,
     ERRORS,
     PARTS,
+    content_name,
     load_embeddings_manifest,
     write_embeddings_manifest,
     write_error_part,
     write_vectors_part,
 )
+from raysearch.formats.local import BATCH_PREFIX as LOCAL_BATCH_PREFIX
+from raysearch.formats.local import LOCAL_PARTS, batch_columns, write_local_part
 from raysearch.formats.runs import RunFolder, check_error_rate
 from raysearch.images import DecodeError, decode_image, resize_image
-from raysearch.models.embedder import Embedder
+from raysearch.models.embedder import Embedder, fast_default
 from raysearch.models.registry import ModelConfig, ModelSpec, resolve_model
 from raysearch.progress import Progress
 from raysearch.runtime import (
+    ActorResources,
     cluster_cpus,
     cluster_gpus,
     configure_data_context,
@@ -55,18 +61,30 @@ class EmbedConfig:
     """How to run the embedding stage. None means "chosen from the cluster's resources"."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
-    batch_size: int = 32            # images per forward pass
-    concurrency: int | None = None  # Embedder actors (default: one per GPU; on CPU, one per 4 CPUs)
+    batch_size: int | None = None   # images per forward pass (default: 32 on CPU, sized to the GPU)
+    concurrency: int | None = None  # Embedder actors (default: one per GPU; on CPU, from measured costs)
     gpus_per_actor: float | None = None
     torch_threads: int | None = None
     chunk_rows: int | None = None   # images per decode task (default: from the image count)
     part_rows: int = 1024           # embeddings per Parquet part (also the resume granularity)
     max_error_rate: float = 0.05
     progress: bool = True
+    # The fast inference settings and stage sizing (None: on unless RAYSEARCH_EMBED_FAST=0); False
+    # gives the settings from before them, for benchmarks' before/after.
+    fast: bool | None = None
+    # Local features extracted in the same pass (`--local sift|aliked`, or {"name": ..., option:
+    # value}), stored beside the vectors for verification (raysearch.rerank); None: none.
+    local: str | dict | None = None
 
     def __post_init__(self) -> None:
-        if self.batch_size < 1:
+        if self.batch_size is not None and self.batch_size < 1:
             raise ValueError(f"--batch-size must be >= 1, got {self.batch_size}")
+        if self.torch_threads is not None and self.torch_threads < 1:
+            raise ValueError(f"torch_threads must be >= 1, got {self.torch_threads}")
+        if self.local is not None:
+            from raysearch.models.local import extractor_settings
+
+            extractor_settings(self.local)   # an unknown extractor or option fails here
         if self.concurrency is not None and self.concurrency < 1:
             raise ValueError(f"--concurrency must be >= 1, got {self.concurrency}")
         if not 0.0 <= self.max_error_rate <= 1.0:
@@ -103,9 +121,11 @@ class EmbedSummary:
 
 
 def decode_rows(
-    rows: pa.Table, input_size: int, resize: str
+    rows: pa.Table, input_size: int, resize: str, local: str | None = None
 ) -> dict[str, np.ndarray]:
-    """Listing rows -> columns row, image_id, uri, pixels (n, S, S, 3) uint8, error ('' if fine)."""
+    """Listing rows -> columns row, image_id, uri, pixels (n, S, S, 3) uint8, error ('' if fine);
+    with `local` (an extractor's settings as JSON, `local_record`), also each image's local
+    features as `raysearch.formats.local.batch_columns`."""
     n = rows.num_rows
     row_ids = rows.column("row").to_numpy()
     image_ids = rows.column("image_id").to_pylist()
@@ -113,6 +133,8 @@ def decode_rows(
     dup_of = rows.column("duplicate_of").to_pylist() if "duplicate_of" in rows.column_names else [None] * n
     pixels = np.zeros((n, input_size, input_size, 3), dtype=np.uint8)
     errors = [""] * n
+    extractor = _local_extractor(local) if local else None
+    features: list = [None] * n
     to_read = [i for i in range(n) if not dup_of[i]]
     for i in range(n):
         if dup_of[i]:
@@ -126,17 +148,62 @@ def decode_rows(
             pixels[i] = resize_image(arr, input_size, resize)  # type: ignore[arg-type]
         except DecodeError as e:
             errors[i] = e.reason
-    return {
+            continue
+        if extractor is not None:
+            features[i] = _extract_local(extractor, data, uris[i])
+    out = {
         "row": row_ids.astype(np.int64),
         "image_id": np.asarray(image_ids, dtype=object),
         "uri": np.asarray(uris, dtype=object),
         "pixels": pixels,
         "error": np.asarray(errors, dtype=object),
     }
+    if extractor is not None:
+        out.update(batch_columns(features, extractor.kind, extractor.dim))
+    return out
+
+
+@functools.lru_cache(maxsize=2)
+def _local_extractor(settings_json: str):
+    """The local-feature extractor of these settings, built once per process. In decode tasks:
+    SIFT on one OpenCV thread (the task owns its CPU share), ALIKED on the CPU (a decode task
+    reserves no GPU)."""
+    from raysearch.models.local import make_extractor
+
+    settings = json.loads(settings_json)
+    name = settings.pop("name")
+    return make_extractor(name, **settings, **({"threads": 1} if name == "sift" else {"device": "cpu"}))
+
+
+def _extract_local(extractor, data: bytes, uri: str):
+    """One image's local features, decoded as verification decodes a candidate's image
+    (`raysearch.rerank`), so stored and extracted features are alike; None if extraction fails
+    (the image is still embedded; verification then reads it again)."""
+    try:
+        return extractor.extract(decode_image(data, draft_size=getattr(extractor, "max_side", None)))
+    except Exception as e:  # noqa: BLE001 - one bad image must not stop the run
+        log.warning("no local features for %s: %s", uri, e)
+        return None
+
+
+def local_record(choice: str | dict | None) -> dict[str, Any] | None:
+    """What an embeddings run (and then the index) records of `--local`: {"extractor": every
+    setting, "kind", "dim"}; None without. Builds the extractor once, so a bad name or a missing
+    optional package fails here, before any image is read (ValueError naming the fix)."""
+    if choice is None:
+        return None
+    from raysearch.models.local import extractor_settings
+
+    settings = extractor_settings(choice)
+    try:
+        extractor = _local_extractor(json.dumps(settings, sort_keys=True))
+    except ImportError as e:
+        raise ValueError(str(e)) from None
+    return {"extractor": settings, "kind": extractor.kind, "dim": int(extractor.dim)}
 
 
 def load_and_decode(
-    batch: dict[str, np.ndarray], input_size: int, resize: str
+    batch: dict[str, np.ndarray], input_size: int, resize: str, local: str | None = None
 ) -> dict[str, np.ndarray]:
     """Ray Data task: each input row names a run of listing row groups (and rows already done)."""
     outs = []
@@ -147,7 +214,7 @@ def load_and_decode(
         done_rows = np.frombuffer(done, dtype=np.int64)
         if done_rows.size:
             rows = rows.filter(pa.array(~np.isin(rows.column("row").to_numpy(), done_rows)))
-        outs.append(decode_rows(rows, input_size, resize))
+        outs.append(decode_rows(rows, input_size, resize, local))
     out = outs[0] if len(outs) == 1 else {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
     out["decode_node"] = np.full(len(out["row"]), node_id() or "", dtype=object)
     return out
@@ -163,8 +230,9 @@ class EmbedStage:
     (n, dim) float32 and the node that embedded each row. Rows whose `error` is set get a zero
     vector and are dropped by the writer."""
 
-    def __init__(self, spec: dict, device: str | None = None, torch_threads: int | None = None):
-        self.embedder = Embedder(spec, device, torch_threads)
+    def __init__(self, spec: dict, device: str | None = None, torch_threads: int | None = None,
+                 fast: bool | None = None):
+        self.embedder = Embedder(spec, device, torch_threads, fast=fast)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         emb, errors = self.embedder.embed_rows(batch["pixels"], batch["error"])
@@ -178,6 +246,7 @@ class EmbedStage:
         }
         if "decode_node" in batch:
             out["decode_node"] = batch["decode_node"]
+        out.update({k: v for k, v in batch.items() if k.startswith(LOCAL_BATCH_PREFIX)})
         return out
 
 
@@ -186,16 +255,23 @@ class EmbedStage:
 # ---------------------------------------------------------------------------------------------
 
 
-def write_parts(batch: dict[str, np.ndarray], embeddings_dir: str) -> dict[str, np.ndarray]:
-    """Write the batch's embeddings and error rows as Parquet parts; return counts, one row per
-    (decode node, embed node) pair of the batch: columns decode_node, embed_node, n_ok, n_errors.
+def write_parts(batch: dict[str, np.ndarray], embeddings_dir: str, local_kind: str | None = None,
+                local_dim: int = 0) -> dict[str, np.ndarray]:
+    """Write the batch's embeddings and error rows as Parquet parts (and its local features, of
+    `local_kind` and `local_dim`, when it carries them); return counts, one row per (decode node,
+    embed node) pair of the batch: columns decode_node, embed_node, n_ok, n_errors.
 
     Part names derive from the rows they hold, so a retried task rewrites the same file rather
-    than adding a second copy.
+    than adding a second copy. The local-features part is written first: a row counts as done
+    once its vectors part exists, and then its features exist too.
     """
     rows = np.asarray(batch["row"], dtype=np.int64)
     errors = np.asarray(batch["error"], dtype=object)
     ok = np.asarray([not e for e in errors], dtype=bool)
+    if ok.any() and local_kind:
+        write_local_part(storage.join(embeddings_dir, LOCAL_PARTS, content_name(rows[ok])), rows[ok],
+                         {k: np.asarray(v)[ok] for k, v in batch.items() if k.startswith(LOCAL_BATCH_PREFIX)},
+                         local_kind, local_dim)
     if ok.any():
         emb = np.asarray(batch["embedding"], dtype=np.float32)
         write_vectors_part(embeddings_dir, rows[ok], batch["image_id"][ok], batch["uri"][ok], emb[ok])
@@ -233,6 +309,109 @@ def add_node_counts(totals: dict[str, dict[str, int]], batch: dict[str, np.ndarr
             totals.setdefault("decode", {})[str(d)] = totals.get("decode", {}).get(str(d), 0) + n
         if e and int(n_ok):
             totals.setdefault("embed", {})[str(e)] = totals.get("embed", {}).get(str(e), 0) + int(n_ok)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sizing the stages: decode tasks and model actors share the CPUs in proportion to their costs
+# ---------------------------------------------------------------------------------------------
+
+CPU_BATCH_SIZE = 32
+# Images per GPU forward pass at 224 px (EfficientNet-Lite0 in bf16 holds well under 20 MB of
+# activations per image), scaled by the input's area; benchmarks/device_check.sh measures 64-512.
+GPU_BATCH_AT_224 = 256
+PROBE_IMAGES = 8
+
+
+@dataclass(frozen=True)
+class StageCosts:
+    """CPU seconds per image of each stage, measured on a sample: `decode_s` to read, decode and
+    resize one image in one process, `model_s` to embed one with one torch thread."""
+
+    decode_s: float
+    model_s: float
+
+    @property
+    def model_share(self) -> float:
+        """The share of the CPUs the model should get so that neither stage waits for the other."""
+        return self.model_s / (self.decode_s + self.model_s)
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    """Resources of the two stages: the model actors, the CPUs each decode task reserves, the
+    batch size, and the costs it was sized from (None: a GPU plan, or the fixed rule)."""
+
+    actors: ActorResources
+    decode_cpus: float
+    batch_size: int
+    costs: StageCosts | None = None
+
+
+def gpu_batch_size(input_size: int) -> int:
+    """Images per forward pass on a GPU: GPU_BATCH_AT_224 scaled by (224 / input_size)^2, a
+    multiple of 8 between 16 and 1024."""
+    n = GPU_BATCH_AT_224 * (224.0 / input_size) ** 2
+    return int(np.clip(8 * round(n / 8), 16, 1024))
+
+
+def plan_stages(gpus: float, cpus: float, config: EmbedConfig, input_size: int,
+                costs: StageCosts | None = None) -> StagePlan:
+    """Size the decode and model stages of a cluster with `gpus` GPUs and `cpus` CPUs.
+
+    GPUs: one actor per GPU reserving one CPU, every other CPU decodes (a GPU embeds far faster
+    than one CPU decodes). CPUs with measured `costs`: the model actors reserve the model's share
+    of the CPUs (`runtime.model_actor_resources`) and the decode tasks split the rest, so that on 2
+    cores small photographs leave nearly both cores to the model and 12 MP photographs, which cost
+    more to decode than to embed, give decoding the larger part. Without costs (or with
+    config.fast False): the fixed rule from before (one actor per 4 CPUs, decode tasks 1 CPU each).
+    """
+    on_gpu = gpus >= 1 and config.gpus_per_actor != 0
+    batch = config.batch_size or (gpu_batch_size(input_size) if on_gpu else CPU_BATCH_SIZE)
+    share = None if on_gpu or costs is None else costs.model_share
+    actors = model_actor_resources(gpus, cpus, config.concurrency, config.gpus_per_actor, config.torch_threads,
+                                   model_share=share)
+    if share is None:
+        return StagePlan(actors, 1.0, batch, None)
+    free = cpus - actors.concurrency * actors.num_cpus
+    # As many decode processes as the decode share fills, each reserving an equal part of the rest.
+    processes = max(1, math.ceil(cpus * (1.0 - share) - 1e-9))
+    decode_cpus = float(np.clip(math.floor(100 * free / processes) / 100, 0.01, 1.0))
+    return StagePlan(actors, decode_cpus, batch, costs)
+
+
+def measure_stage_costs(listing: Listing, spec: ModelSpec, fast: bool | None = None,
+                        n_images: int = PROBE_IMAGES) -> StageCosts:
+    """Decode and model CPU seconds per image, from the first `n_images` of `listing` and a batch
+    of `n_images` through the model on one thread (built once per process and model). CPU time,
+    not wall time, so waiting on storage and other programs' load count less."""
+    rows = read_listing_groups(listing.parts[0].uri, 0, 1)
+    decode_rows(rows.slice(0, 1), spec.input_size, spec.resize)  # first call loads PIL's plugins
+    sample = rows.slice(1, n_images) if rows.num_rows > 1 else rows
+    start = time.process_time()
+    decode_rows(sample, spec.input_size, spec.resize)
+    decode_s = (time.process_time() - start) / max(1, sample.num_rows)
+    model_s = _model_seconds(json.dumps(spec.to_dict(), sort_keys=True), n_images,
+                             fast_default() if fast is None else fast)
+    return StageCosts(decode_s=max(decode_s, 1e-5), model_s=max(model_s, 1e-5))
+
+
+@functools.lru_cache(maxsize=8)
+def _model_seconds(spec_json: str, n_images: int, fast: bool) -> float:
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        spec = json.loads(spec_json)
+        embedder = Embedder(spec, "cpu", fast=fast)
+        size = int(spec["input_size"])
+        pixels = np.random.default_rng(0).integers(0, 256, (n_images, size, size, 3), dtype=np.uint8)
+        embedder.embed_pixels(pixels[:2])  # oneDNN prepares its kernels on the first call
+        start = time.process_time()
+        embedder.embed_pixels(pixels)
+        return (time.process_time() - start) / n_images
+    finally:
+        torch.set_num_threads(threads)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -291,7 +470,8 @@ def embeddings_run(embeddings_dir: str) -> RunFolder:
 def _same_run(a: dict, b: dict) -> bool:
     # Compare as stored JSON (tuples in a fresh record are lists in a stored one).
     def norm(d: dict) -> str:
-        return json.dumps({"source": d.get("source"), "model": d.get("model")}, sort_keys=True)
+        return json.dumps({"source": d.get("source"), "model": d.get("model"), "local": d.get("local")},
+                          sort_keys=True)
 
     return norm(a) == norm(b)
 
@@ -316,7 +496,8 @@ def embed_source(
     spec = spec or resolve_model(config.model)
     start = time.perf_counter()
     run = embeddings_run(embeddings_dir)
-    record = {"source": source_spec, "model": spec.to_dict(), "raysearch_version": __version__}
+    local = local_record(config.local)
+    record = {"source": source_spec, "model": spec.to_dict(), "local": local, "raysearch_version": __version__}
     listing, resumed = run.start(record, source_spec, first_row, what="embeddings", progress=config.progress)
     if before_embedding is not None:
         before_embedding(listing)
@@ -337,21 +518,32 @@ def embed_source(
 
     nodes: dict[str, dict[str, int]] = {}
     if tasks:
-        res = model_actor_resources(gpus, cpus, config.concurrency, config.gpus_per_actor, config.torch_threads)
+        fast = fast_default() if config.fast is None else config.fast
+        on_gpu = gpus >= 1 and config.gpus_per_actor != 0
+        costs = None if on_gpu or not fast else measure_stage_costs(listing, spec, fast)
+        plan = plan_stages(gpus, cpus, config, spec.input_size, costs)
+        res = plan.actors
+        log.info(
+            "stages: %s%d model actors (%g GPU, %g CPU, %s threads each), decode tasks %g CPU each, batch %d",
+            "" if costs is None else f"decode {1e3 * costs.decode_s:.1f} ms, model {1e3 * costs.model_s:.1f} ms "
+            "of CPU per image: ", res.concurrency, res.num_gpus, res.num_cpus, res.threads, plan.decode_cpus,
+            plan.batch_size,
+        )
         ds = ray.data.from_items(tasks, override_num_blocks=len(tasks))
         ds = ds.map_batches(
             load_and_decode,
             batch_size=1,
-            fn_kwargs={"input_size": spec.input_size, "resize": spec.resize},
-            num_cpus=1,
+            fn_kwargs={"input_size": spec.input_size, "resize": spec.resize,
+                       "local": json.dumps(local["extractor"], sort_keys=True) if local else None},
+            num_cpus=plan.decode_cpus,
             # What a decode task holds: its pixels and a copy in flight. Declaring it also keeps
             # Ray Data from fusing decoding into the model actors, so the two overlap.
             memory=_decode_task_memory(chunk, spec.input_size),
         )
         ds = ds.map_batches(
             EmbedStage,
-            batch_size=config.batch_size,
-            fn_constructor_kwargs={"spec": spec.to_dict(), "torch_threads": res.threads},
+            batch_size=plan.batch_size,
+            fn_constructor_kwargs={"spec": spec.to_dict(), "torch_threads": res.threads, "fast": fast},
             compute=ray.data.ActorPoolStrategy(size=res.concurrency),
             num_gpus=res.num_gpus,
             num_cpus=res.num_cpus,
@@ -359,7 +551,8 @@ def embed_source(
         ds = ds.map_batches(
             write_parts,
             batch_size=config.part_rows,
-            fn_kwargs={"embeddings_dir": embeddings_dir},
+            fn_kwargs={"embeddings_dir": embeddings_dir, "local_kind": local["kind"] if local else None,
+                       "local_dim": local["dim"] if local else 0},
             # Writing is light I/O: reserving no CPU lets parts land while decoding still holds every core.
             num_cpus=0,
         )
@@ -376,6 +569,7 @@ def embed_source(
     elapsed = time.perf_counter() - start
     manifest = write_embeddings_manifest(
         embeddings_dir, source_spec, spec, listing.n_rows, listing.first_row, listing.end_row, elapsed, nodes=nodes,
+        **({"local": local} if local else {}),
     )
     summary = EmbedSummary(
         embeddings_dir=embeddings_dir, n_images=listing.n_rows, n_embedded=manifest["n_embedded"],
@@ -401,9 +595,14 @@ __all__ = [
     "EmbedConfig",
     "EmbedStage",
     "EmbedSummary",
+    "StageCosts",
+    "StagePlan",
     "decode_rows",
     "embed_source",
     "embeddings_run",
     "load_and_decode",
+    "local_record",
+    "measure_stage_costs",
+    "plan_stages",
     "write_parts",
 ]

@@ -4,6 +4,7 @@ local one-machine cluster started on demand."""
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from collections.abc import Iterator
@@ -83,17 +84,53 @@ class ActorResources:
     threads: int | None   # torch threads per actor (None: torch's default)
 
 
+# CPU model actors run one torch thread each up to this many actors: on 2 shared cores one
+# EfficientNet-Lite0 process ran 31.5 img/s on 1 thread and 17.5 img/s on 2 (other programs' load
+# stalls OpenMP's barriers), so separate one-thread processes scale better than threads; beyond
+# it, threads grow instead, which bounds the model copies in memory (one each).
+MAX_CPU_ACTORS = 16
+
+
 def model_actor_resources(gpus: float, cpus: float, concurrency: int | None = None,
-                          gpus_per_actor: float | None = None, threads: int | None = None) -> ActorResources:
+                          gpus_per_actor: float | None = None, threads: int | None = None,
+                          model_share: float | None = None) -> ActorResources:
     """Resources of the actors that run a model (embedding, activation) on a cluster with `gpus`
-    GPUs and `cpus` CPUs: one GPU each when there are GPUs (unless gpus_per_actor is 0), else one
-    actor per 4 CPUs. Each reserves one CPU, so decode tasks always get the rest, but torch uses the
-    actor's share of the machine (on 2 cores: one actor with 2 threads, decode tasks overlapping)."""
+    GPUs and `cpus` CPUs.
+
+    Parameters
+    ----------
+    gpus, cpus : the cluster's.
+    concurrency, gpus_per_actor, threads : the user's choices (None: chosen here).
+    model_share : the share of the CPUs the model should take, from the measured CPU cost per
+        image of decoding and of the model (`raysearch.embed.StageCosts`); None: the fixed rule.
+
+    Returns
+    -------
+    ActorResources
+        With GPUs (unless gpus_per_actor is 0): one GPU each, one CPU reserved. On CPUs with a
+        `model_share`: actors of one thread (more threads each past MAX_CPU_ACTORS actors) that
+        together reserve that share of the CPUs, each at most one CPU (so that a replacement
+        actor fits beside it after a node loss). Without one: one actor per 4 CPUs, each
+        reserving one CPU, torch using the actor's share of the machine.
+    """
     if gpus >= 1 and gpus_per_actor != 0:
         per = gpus_per_actor or 1.0
         return ActorResources(concurrency or max(1, int(gpus / per)), per, 1, threads)
-    concurrency = concurrency or max(1, int(cpus // 4))
-    return ActorResources(concurrency, 0, 1, threads or max(1, int(cpus // concurrency)))
+    if model_share is None:
+        concurrency = concurrency or max(1, int(cpus // 4))
+        return ActorResources(concurrency, 0, 1, threads or max(1, int(cpus // concurrency)))
+    if not 0.0 < model_share <= 1.0:
+        raise ValueError(f"model_share must be in (0, 1], got {model_share}")
+    # Leave decoding at least 5% of the CPUs: with none, no decode task could ever be scheduled.
+    model_cpus = cpus * min(model_share, 0.95)
+    if concurrency is None:
+        threads = threads or max(1, math.ceil(model_cpus / MAX_CPU_ACTORS))
+        concurrency = max(1, round(model_cpus / threads))
+    else:
+        threads = threads or max(1, round(model_cpus / concurrency))
+    # Whole hundredths, rounded down: Ray keeps fractions to 4 places, and the sum must fit.
+    reserve = min(1.0, max(0.01, math.floor(100 * model_cpus / concurrency) / 100))
+    return ActorResources(concurrency, 0, reserve, threads)
 
 
 def configure_data_context(progress: bool = True) -> None:

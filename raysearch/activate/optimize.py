@@ -244,6 +244,29 @@ def pixel_groups(sizes: list[int], max_pixels: int | None) -> list[list[int]]:
     return groups
 
 
+def model_runner(model: torch.nn.Module, device: str | torch.device, fast: bool | None = None):
+    """The model as activation runs it, forward and backward: a function (B, 3, S, S) float images
+    -> (B, d) float32 features.
+
+    With the fast settings (`fast`, None: on unless RAYSEARCH_EMBED_FAST=0) the batch goes in
+    channels_last, the layout of a model built for inference (`Embedder`: 1.65x faster on CPU than
+    NCHW), and on CUDA under bfloat16 autocast, the loss and the perturbation staying float32.
+    """
+    from raysearch.models.embedder import fast_default, use_bf16
+
+    fast = fast_default() if fast is None else fast
+    kind = torch.device(device).type
+    bf16 = use_bf16(kind, fast)
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        if not fast:
+            return model(x)
+        with torch.autocast(kind, dtype=torch.bfloat16, enabled=bf16):
+            return model(x.contiguous(memory_format=torch.channels_last)).float()
+
+    return run
+
+
 def activate_batch(
     images: list[np.ndarray],
     targets: np.ndarray,
@@ -312,9 +335,11 @@ def activate_batch(
     deltas = [(1e-6 * torch.randn_like(x)).requires_grad_(True) for x in xs]
     opt = torch.optim.Adam(deltas, lr=config.lr)
 
+    run_model = model_runner(model, device)
+
     def features(batch: list[torch.Tensor]) -> torch.Tensor:
         resized = torch.cat([differentiable_resize(b, input_size, resize) for b in batch])
-        return F.normalize(transform(model(resized)), dim=-1)
+        return F.normalize(transform(run_model(resized)), dim=-1)
 
     def feature_loss(f: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """Feature term for normalised features f (B, d') of the images rows (B,): (B,)."""
@@ -341,7 +366,7 @@ def activate_batch(
         per_image_f = feature_loss(features(perturbed), rows)
         if config.augment:
             views = torch.cat([random_view(p, input_size, gen) for p in perturbed for _ in range(config.augment)])
-            view_f = feature_loss(F.normalize(transform(model(views)), dim=-1), rows.repeat_interleave(config.augment))
+            view_f = feature_loss(F.normalize(transform(run_model(views)), dim=-1), rows.repeat_interleave(config.augment))
             per_image_f = own_weight * per_image_f + (1.0 - own_weight) * view_f.view(len(xs), config.augment).mean(dim=1)
         per_image_i = torch.stack([((p - x) ** 2).mean() for p, x in zip(perturbed, xs)])
         per_image = config.lambda_f * per_image_f + config.lambda_i * per_image_i

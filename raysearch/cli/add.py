@@ -17,7 +17,7 @@ def add(
     source: Annotated[str, typer.Argument(help="Folder, glob, list file or s3:// URI with the new images.")],
     shards: Annotated[int, typer.Option(help="New shards the added vectors are split over (built in parallel).")] = 1,
     merge: Annotated[bool, typer.Option("--merge/--no-merge", help="Append to the last shard instead of adding new shards.")] = False,
-    batch_size: BatchOpt = 32,
+    batch_size: BatchOpt = None,
     concurrency: ConcurrencyOpt = None,
     max_error_rate: MaxErrOpt = 0.05,
     address: AddressOpt = None,

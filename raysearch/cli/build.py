@@ -15,12 +15,13 @@ WeightsOpt = Annotated[Optional[str], typer.Option(help="Local weights file (tor
 PoolingOpt = Annotated[Optional[str], typer.Option(help="Pooling: gem, mac, spoc or rmac (default: the model's).")]
 InputSizeOpt = Annotated[Optional[int], typer.Option(help="Square input size in pixels (default: the model's).")]
 ResizeOpt = Annotated[Optional[str], typer.Option(help="Resize policy: squash, crop or pad (default: the model's).")]
-BatchOpt = Annotated[int, typer.Option(help="Images per forward pass.")]
+BatchOpt = Annotated[Optional[int], typer.Option(help="Images per forward pass (default: 32 on CPU, sized to the GPU's input size on a GPU).")]
 ConcurrencyOpt = Annotated[Optional[int], typer.Option(help="Embedder actors (default: one per GPU; on CPU one per 4 CPUs).")]
 MaxErrOpt = Annotated[float, typer.Option(help="Fail the build if more than this share of images cannot be used.")]
 AddressOpt = Annotated[Optional[str], typer.Option(help="Ray cluster address (default: $RAY_ADDRESS, else a local cluster).")]
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Log each stage.")]
 ProgressOpt = Annotated[bool, typer.Option("--progress/--no-progress", help="Ray Data progress bars.")]
+LocalOpt = Annotated[Optional[str], typer.Option("--local", help="Also extract local features in the same pass and store them beside each shard, for `--rerank local`: sift (OpenCV, ~25 KB an image) or aliked (needs raysearch[local]; slow on CPU).")]
 
 # Options shared by the commands that build an index.
 IndexOpt = Annotated[str, typer.Option("--index", help="'auto' or a FAISS factory string, e.g. 'IVF4096,PQ32'.")]
@@ -124,6 +125,11 @@ def print_index_summary(manifest: dict) -> None:
         extras.append(f"default alpha-QE k={manifest['query_expansion']['k']} alpha={manifest['query_expansion']['alpha']:g}")
     if extras:
         typer.echo("quality: " + "; ".join(extras))
+    local = manifest.get("local")
+    if local:
+        stored = sum(manifest["files"][name]["size"] for name in local["files"].values())
+        typer.echo(f"local features: {local['extractor']['name']} for {local['n_images']} images, "
+                   f"{stored / max(1, local['n_images']) / 1024:.1f} KB an image (raysearch search --rerank local)")
     search = manifest["search"]
     if search.get("tuned"):
         reached = "" if search.get("reached") else f" (target {search['target_recall']} not reachable with these codes)"
@@ -167,9 +173,10 @@ def build(
     qe_alpha: QeAlphaOpt = 3.0,
     train_on: TrainOnOpt = "auto",
     kmeans: KmeansOpt = "auto",
-    batch_size: BatchOpt = 32,
+    batch_size: BatchOpt = None,
     concurrency: ConcurrencyOpt = None,
     max_error_rate: MaxErrOpt = 0.05,
+    local: LocalOpt = None,
     overwrite: Annotated[bool, typer.Option(help="Replace the contents of a non-empty --out.")] = False,
     address: AddressOpt = None,
     progress: ProgressOpt = True,
@@ -186,7 +193,7 @@ def build(
     setup_logging(verbose)
     embed_cfg = EmbedConfig(
         model=model_config(model, weights, pooling, input_size, resize, scales), batch_size=batch_size,
-        concurrency=concurrency, max_error_rate=max_error_rate, progress=progress,
+        concurrency=concurrency, max_error_rate=max_error_rate, progress=progress, local=local,
     )
     whitening, dba_cfg, qe_cfg = quality_options(whiten, whiten_on, whiten_dim, whiten_shrinkage, dba, dba_alpha, qe, qe_alpha)
     index_cfg = index_config(index, metric, max_index_memory, shards, merge, train_size, nprobe, target_recall, seed, whitening, train_on, kmeans)

@@ -21,13 +21,17 @@ from raysearch.evaluate.queries import (
     embed_images,
     embeddings_or_images,
     key_function,
+    query_uris,
+    rerank_queries,
     result_keys,
     top_results,
+    truncate,
     work_folder,
 )
 from raysearch.index.expansion import QueryExpansion
 from raysearch.metrics import retrieval as M
 from raysearch.metrics.groundtruth import CopyGroundTruth, read_copy_ground_truth
+from raysearch.rerank import RerankConfig
 from raysearch.search import Searcher
 
 log = logging.getLogger("raysearch")

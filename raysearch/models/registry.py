@@ -161,7 +161,9 @@ class EmbeddingModel(nn.Module):
 
     def _describe(self, x: torch.Tensor) -> torch.Tensor:
         x = (x - self.mean) / self.std
-        out = self.trunk(x)
+        # float(): under bf16 autocast (GPU) the trunk returns bf16; GeM's cube and mean, and the
+        # descriptor itself, stay float32 (a no-op in float32).
+        out = self.trunk(x).float()
         if not self.pools_itself:
             out = pool(out, self.spec.pooling or "gem", self.spec.gem_p)
         return out
@@ -186,8 +188,23 @@ class EmbeddingModel(nn.Module):
         return F.normalize(combined, dim=-1)
 
 
-def build_model(spec: ModelSpec, device: str | torch.device = "cpu") -> EmbeddingModel:
-    """Instantiate the network for `spec`, in eval mode on `device`."""
+def build_model(spec: ModelSpec, device: str | torch.device = "cpu", for_inference: bool = False) -> EmbeddingModel:
+    """Instantiate the network for `spec`, in eval mode on `device`.
+
+    Parameters
+    ----------
+    spec : the resolved model.
+    device : where its weights go.
+    for_inference : also fold batch norms into the convolutions (`backbones.fold_batchnorm`) and
+        store the weights channels_last (NHWC): the layout oneDNN and cuDNN run fastest, 1.65x on
+        2 CPU threads for EfficientNet-Lite0. Outputs equal the plain model's within 1e-6 cosine
+        (tests/unit/test_embed_speed.py); gradients with respect to the input still flow
+        (activation), but the weights can no longer be trained.
+
+    Returns
+    -------
+    EmbeddingModel
+    """
     if trained.is_trained_spec(spec):
         model = EmbeddingModel(spec, trained.load_trained_torchscript(spec), pools_itself=True)
     elif spec.name.startswith(TORCHSCRIPT_PREFIX):
@@ -196,4 +213,11 @@ def build_model(spec: ModelSpec, device: str | torch.device = "cpu") -> Embeddin
     else:
         entry = _REGISTRY[spec.name]
         model = EmbeddingModel(spec, entry.build(spec.weights), pools_itself=False)
-    return model.eval().to(device)
+    model = model.eval()
+    if for_inference:
+        if not isinstance(model.trunk, torch.jit.ScriptModule):
+            # A TorchScript trunk is kept as it is: it may not be traceable, and freezing it
+            # (torch.jit.freeze) would drop the input gradient that activation needs.
+            model.trunk = backbones.fold_batchnorm(model.trunk)
+        model = model.to(memory_format=torch.channels_last)
+    return model.to(device)
