@@ -16,10 +16,19 @@ default, or httpx) takes CPU the service would otherwise have.
 
 Goals (issue): no errors; concurrent serve queries/s >= 0.5 x in-process; p50 overhead < 5 ms.
 
+With `--rerank local` the service runs the second stage (a LocalVerifier deployment verifying each
+image query's top --rerank-k with stored SIFT features): the index is then one of real images, a
+copy-detection set cut from the "judge" photographs of benchmarks/photos.py and built with
+`--local sift`, and the requests are JSON base64 image queries (edited copies and non-copies). The
+baselines in the same run are the same image queries in this process, global only and with
+`Searcher.search_images(..., rerank=...)` (what `raysearch search --rerank local` does); "top1 diff"
+counts served answers whose first hit differs from the in-process two-stage answer.
+
 Usage:
   python benchmarks/serve_load.py --vectors 100000 --shards 3 --clients 16 --seconds 30
   python benchmarks/serve_load.py --vectors 100000 --shards 3 --shards-in-ingress --direct-ingress
   python benchmarks/serve_load.py --vectors 5000 --clients 4 --seconds 5      # quick check
+  python benchmarks/serve_load.py --rerank local --references 300 --clients 4 --seconds 30
 """
 
 from __future__ import annotations
@@ -195,12 +204,13 @@ async def _post_aiohttp(url: str, clients: int):
 CLIENTS = {"aiohttp": _post_aiohttp, "httpx": _post_httpx}
 
 
-async def _serve_load(urls: list[str], xq: np.ndarray, k: int, clients: int, seconds: float, max_requests: int,
+async def _serve_load(urls: list[str], bodies: list[bytes], clients: int, seconds: float, max_requests: int,
                       expected_top1: dict[int, str], name: str, client_lib: str) -> PhaseResult:
     """`clients` users, user j sending to urls[j % len(urls)] (one URL per Ingress replica with
-    direct ingress, as a load balancer in front of them would spread its connections)."""
+    direct ingress, as a load balancer in front of them would spread its connections); request i
+    sends bodies[i % len(bodies)]."""
     result = PhaseResult(name, clients)
-    bodies = [json.dumps({"vector": q.tolist(), "k": k}).encode() for q in xq]
+    xq = bodies
     counter = iter(range(max_requests))
     deadline = time.perf_counter() + seconds
     urls = urls[:clients]
@@ -236,8 +246,131 @@ async def _serve_load(urls: list[str], xq: np.ndarray, k: int, clients: int, sec
     return result
 
 
+def vector_bodies(xq: np.ndarray, k: int) -> list[bytes]:
+    return [json.dumps({"vector": q.tolist(), "k": k}).encode() for q in xq]
+
+
 def run_serve(urls: list[str], xq, k, clients, seconds, max_requests, expected_top1, name, client_lib) -> PhaseResult:
-    return asyncio.run(_serve_load(urls, xq, k, clients, seconds, max_requests, expected_top1, name, client_lib))
+    bodies = vector_bodies(xq, k) if isinstance(xq, np.ndarray) else xq
+    return asyncio.run(_serve_load(urls, bodies, clients, seconds, max_requests, expected_top1, name, client_lib))
+
+
+# ---------------------------------------------------------------------------------------------
+# --rerank local: image queries through the second stage
+# ---------------------------------------------------------------------------------------------
+
+
+def ensure_image_index(workdir: str, n_references: int, n_queries: int, seed: int) -> tuple[str, list[str]]:
+    """A copy-detection set of the judge photographs indexed with --local sift in workdir (reused
+    when one with these settings exists); returns the index and the query image paths."""
+    from photos import photographs
+
+    from raysearch.build import build
+    from raysearch.datasets.copyset import CopySetConfig, write_copy_detection_set
+    from raysearch.embed import EmbedConfig
+    from raysearch.index.build import IndexConfig
+
+    folder = os.path.join(workdir, f"rerank-r{n_references}-q{n_queries}-s{seed}")
+    index_dir = os.path.join(folder, "index")
+    queries = os.path.join(folder, "set", "queries")
+    if not os.path.exists(os.path.join(index_dir, "manifest.json")):
+        start = time.perf_counter()
+        cs = write_copy_detection_set(os.path.join(folder, "set"), CopySetConfig(
+            n_references=n_references, n_queries=n_queries, n_background=0, positive_share=0.5, seed=seed,
+        ), photos=photographs("judge"))
+        build(cs.references, index_dir, EmbedConfig(progress=False, local="sift"), IndexConfig(factory="Flat"),
+              overwrite=True)
+        print(f"built the image index ({n_references} references, --local sift) in "
+              f"{time.perf_counter() - start:.1f} s", flush=True)
+    else:
+        print(f"reusing the image index in {index_dir}", flush=True)
+    return index_dir, sorted(os.path.join(queries, f) for f in os.listdir(queries))
+
+
+def run_in_process_images(searcher, uris: list[str], k: int, rerank, seconds: float, max_requests: int,
+                          name: str) -> tuple[PhaseResult, dict[int, str]]:
+    """One query image at a time through `Searcher.search_images` (embedding, search and, with
+    `rerank`, verification): what `raysearch search [--rerank local]` does per query."""
+    result = PhaseResult(name, 1)
+    top1: dict[int, str] = {}
+    deadline = time.perf_counter() + seconds
+    start = time.perf_counter()
+    for i in range(max_requests):
+        if time.perf_counter() >= deadline:
+            break
+        q = i % len(uris)
+        t0 = time.perf_counter()
+        res, problems = searcher.search_images([uris[q]], k, rerank=rerank)
+        result.latencies_ms.append((time.perf_counter() - t0) * 1000)
+        if problems[0] is None:
+            top1[q] = searcher.lookup(res)[0][0, 0]
+    result.seconds = time.perf_counter() - start
+    return result, top1
+
+
+def main_rerank(args) -> None:
+    import base64
+
+    from ray import serve
+
+    from raysearch.rerank import RerankConfig
+    from raysearch.runtime import cluster_cpus, ensure_ray
+    from raysearch.search import Searcher
+    from raysearch.serve.app import service_url, start_service
+    from raysearch.serve.config import ServeConfig
+
+    workdir = args.workdir or tempfile.mkdtemp(prefix="raysearch-serve-load-")
+    os.makedirs(workdir, exist_ok=True)
+    ensure_ray()
+    index_dir, uris = ensure_image_index(workdir, args.references, args.image_queries, args.seed)
+    searcher = Searcher(index_dir)
+    rerank = RerankConfig(k=args.rerank_k)
+    print(f"index: {searcher.store.ntotal} images, --local sift; {len(uris)} query images; k={args.k}, "
+          f"top {args.rerank_k} verified; verifier replicas {args.verifier_replicas}", flush=True)
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; Ray CPUs {cluster_cpus():g}; "
+          f"HTTP client {args.client}", flush=True)
+    bodies = []
+    for u in uris:
+        with open(u, "rb") as f:
+            bodies.append(json.dumps({"image_b64": base64.b64encode(f.read()).decode(), "k": args.k}).encode())
+
+    config = ServeConfig(index_dir, host="127.0.0.1", port=_free_port(), app_name="serve-load-rerank",
+                         replicas=args.replicas, access_log=False, shard_timeout_s=30.0,
+                         max_ongoing_requests=max(64, 4 * args.clients), shards_in_ingress=args.shards_in_ingress,
+                         rerank="local", rerank_k=args.rerank_k, verifier_replicas=args.verifier_replicas)
+    start = time.perf_counter()
+    start_service(config)
+    url = service_url(config)
+    print(f"service up at {url} in {time.perf_counter() - start:.1f} s", flush=True)
+    results = []
+    try:
+        run_in_process_images(searcher, uris, args.k, rerank, 3.0, 10, "warm-up")
+        run_serve([url], bodies, args.k, 2, 5.0, 20, {}, "warm-up", args.client)
+        glob, _ = run_in_process_images(searcher, uris, args.k, None, args.seconds, args.max_requests,
+                                        "in-process, global only")
+        results.append(glob)
+        two, top1 = run_in_process_images(searcher, uris, args.k, rerank, args.seconds, args.max_requests,
+                                          "in-process, --rerank")
+        results.append(two)
+        results.append(run_serve([url], bodies, args.k, 1, args.seconds, args.max_requests, top1,
+                                 "serve --rerank, 1 client", args.client))
+        results.append(run_serve([url], bodies, args.k, args.clients, args.seconds, args.max_requests, top1,
+                                 f"serve --rerank, {args.clients} clients", args.client))
+    finally:
+        serve.shutdown()
+    print()
+    print(f"{'phase':28s} {'clients':>7s} {'requests':>9s} {'errors':>7s} {'top1 diff':>10s} "
+          f"{'queries/s':>10s} {'p50 ms':>8s} {'p99 ms':>8s}")
+    for r in results:
+        print(r.row().replace(f"{r.name:24s}", f"{r.name:28s}", 1))
+    errors = results[2].errors + results[3].errors
+    print()
+    print(f"verification's cost in process (p50): {two.pct(50) - glob.pct(50):.1f} ms a query")
+    print(f"goal: errors = 0 under load -> {errors} ({'ok' if errors == 0 else 'MISSED'})")
+    if args.workdir is None:
+        import shutil
+
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 def _free_port() -> int:
@@ -268,7 +401,16 @@ def main() -> None:
                         help="HTTP client library of the load generator (httpx: what `raysearch query` uses).")
     parser.add_argument("--workdir", default=None, help="Keep (and reuse) the synthetic index here.")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--rerank", choices=["local"], default=None,
+                        help="Image queries through the second stage (see above) instead of vector queries.")
+    parser.add_argument("--rerank-k", type=int, default=20)
+    parser.add_argument("--verifier-replicas", type=int, default=1)
+    parser.add_argument("--references", type=int, default=300, help="With --rerank: images in the index.")
+    parser.add_argument("--image-queries", type=int, default=100, help="With --rerank: query images.")
     args = parser.parse_args()
+    if args.rerank:
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))   # benchmarks/photos.py
+        return main_rerank(args)
 
     import faiss
     from ray import serve

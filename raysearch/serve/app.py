@@ -40,7 +40,7 @@ def index_info(store: "IndexStore", config: ServeConfig, plan: ResourcePlan) -> 
         "model": m["model"],
         "dim": store.dim,
         "metric": store.metric,
-        "count": store.ntotal,
+        "count": store.ntotal - int(store.manifest.get("n_removed") or 0),   # live vectors
         "factory": m.get("factory"),
         "nprobe": store.nprobe,
         "nprobe_tuned": bool(m.get("search", {}).get("tuned", False)),
@@ -89,6 +89,7 @@ def plan_for(config: ServeConfig, n_shards: int, cluster_cpus: float, cluster_gp
         ingress_cpus=config.ingress_cpus, embedder_cpus=config.embedder_cpus,
         embedder_gpus=config.embedder_gpus, shard_cpus=config.shard_cpus,
         embed_threads=config.embed_threads, search_threads=config.search_threads,
+        verifiers=config.verifier_replicas if config.rerank else 0, verifier_cpus=config.verifier_cpus,
     )
 
 
@@ -104,7 +105,8 @@ def build_app(config: ServeConfig) -> "Application":
 
     store = IndexStore(config.index_dir, verify=False)
     needs_cluster = any(v is None for v in (config.ingress_cpus, config.embedder_cpus,
-                                            config.shard_cpus, config.embedder_gpus))
+                                            config.shard_cpus, config.embedder_gpus)) or bool(
+        config.rerank and config.verifier_cpus is None)
     cpus, gpus = _cluster_resources() if needs_cluster else (0.0, 0.0)
     local = config.shards_in_ingress
     plan = plan_for(config, len(store.shards), cpus, gpus)
@@ -139,7 +141,7 @@ def build_app(config: ServeConfig) -> "Application":
             ray_actor_options={"num_cpus": plan.shard_cpus},
             **common, **quiet,
         ).bind(store.index_dir, i, config.verify, plan.search_threads,
-               config.search_batch_size, config.search_batch_wait_s)
+               config.search_batch_size, config.search_batch_wait_s, len(store.shards))
         for i in range(len(store.shards))
     ]
     verifier = None
@@ -148,7 +150,7 @@ def build_app(config: ServeConfig) -> "Application":
 
         RerankConfig(k=config.rerank_k, mirror=config.rerank_mirror)   # refuse a bad k before deploying
         LocalReranker.check_index(store)
-        verifier_cpus = 1.0 if config.verifier_cpus is None else config.verifier_cpus
+        verifier_cpus = plan.verifier_cpus   # sized with the other deployments to fit the cluster
         verifier = LocalVerifier.options(
             num_replicas=config.verifier_replicas,
             ray_actor_options={"num_cpus": verifier_cpus},
@@ -163,6 +165,7 @@ def build_app(config: ServeConfig) -> "Application":
         "max_image_pixels": config.max_image_pixels,
         "api_key_sha256": hash_api_key(config.api_key) if config.api_key else None,
         "rerank_k": config.rerank_k if config.rerank else 0,
+        "verify": config.verify,
         # Searching in the ingress: the shards are opened there, with the searcher's share of CPUs.
         "local_shards": {"index_dir": store.index_dir, "verify": config.verify, "threads": plan.search_threads,
                          "batch_size": config.search_batch_size, "batch_wait_s": config.search_batch_wait_s}

@@ -16,6 +16,7 @@ import numpy as np
 
 from raysearch.index.store import IdMap
 from raysearch.index.fanout import ShardGroup, distances_to_scores, merge_topk
+from raysearch.index.tombstones import VectorFilter, search_filtered
 
 
 @dataclass
@@ -25,6 +26,9 @@ class ShardQuery:
     xq: np.ndarray
     k: int
     nprobe: int | None = None
+    # The index version (manifest digest) the ingress serves: a searcher holding another one
+    # reopens the index first (after add / remove / compact).
+    version: str | None = None
 
 
 @dataclass
@@ -71,18 +75,36 @@ class OpenShards:
     metric: str
     default_nprobe: int | None   # the tuned value from the manifest
     group: ShardGroup            # the same indexes, searched together
+    id_filter: VectorFilter | None = None   # the index's removed vectors, skipped by every search
+    version: str | None = None   # the manifest's version these shards were opened from
+    names: list[str] | None = None   # the shards' labels (shard-00001 ...)
+
+
+def manifest_version(index_dir: str) -> str:
+    """A short digest of the index's manifest: it changes whenever `add`, `remove` or `compact`
+    rewrites the manifest, so a replica can tell that it should reopen the index."""
+    import hashlib
+
+    from raysearch import storage
+    from raysearch.index.store import MANIFEST
+
+    return hashlib.sha256(storage.read_bytes(storage.join(index_dir, MANIFEST))).hexdigest()[:16]
 
 
 def open_shards(index_dir: str, which: list[int] | None, verify: bool, threads: int) -> OpenShards:
     """Open shards `which` (None: all) of an index as a searcher replica does: checked against the
-    manifest, in memory or memory-mapped (`IndexStore.prefers_mmap`), FAISS on `threads` threads."""
+    manifest, in memory or memory-mapped (`IndexStore.prefers_mmap`), FAISS on `threads` threads;
+    with the index's tombstones, which every search through `search_shard_group` skips."""
     from raysearch.index.store import IndexStore
 
     faiss.omp_set_num_threads(threads)
+    version = manifest_version(index_dir)
     store = IndexStore(index_dir, verify=verify)
     which = list(range(len(store.shards))) if which is None else which
     shards = [(store.load_shard(i), store.load_ids(i)) for i in which]
-    return OpenShards(shards, store.metric, store.nprobe, ShardGroup([index for index, _ in shards]))
+    return OpenShards(shards, store.metric, store.nprobe, ShardGroup([index for index, _ in shards]),
+                      VectorFilter(store.removed_ids()), version,
+                      [shard_label(store.shards[i].name) for i in which])
 
 
 def search_shard(
@@ -91,9 +113,10 @@ def search_shard(
     queries: list[ShardQuery],
     metric: str,
     default_nprobe: int | None,
+    id_filter: VectorFilter | None = None,
 ) -> list[ShardHits]:
     """Answer a batch of requests on one shard (see `search_shard_group`)."""
-    return search_shard_group(ShardGroup([index]), [id_map], queries, metric, default_nprobe)[0]
+    return search_shard_group(ShardGroup([index]), [id_map], queries, metric, default_nprobe, id_filter)[0]
 
 
 def search_shard_group(
@@ -102,9 +125,11 @@ def search_shard_group(
     queries: list[ShardQuery],
     metric: str,
     default_nprobe: int | None,
+    id_filter: VectorFilter | None = None,
 ) -> list[list[ShardHits]]:
     """Answer a batch of requests on every shard of `group` with one search per distinct nprobe:
-    per shard, one ShardHits per request.
+    per shard, one ShardHits per request. Ids `id_filter` refuses (removed images) are skipped
+    while searching, so each request still gets k live results where the shard holds them.
 
     Requests that share an nprobe are stacked into one (sum n, d) matrix and searched with the
     largest k among them: FAISS parallelises over the rows of a batch, a request's top-k is the
@@ -118,7 +143,7 @@ def search_shard_group(
     for nprobe, members in groups.items():
         xq = np.concatenate([queries[i].xq for i in members]).astype(np.float32, copy=False)
         k_max = max(queries[i].k for i in members)
-        for shard, ((D, ids), id_map) in enumerate(zip(group.search(xq, k_max, nprobe), id_maps)):
+        for shard, ((D, ids), id_map) in enumerate(zip(search_filtered(group, xq, k_max, nprobe, id_filter), id_maps)):
             scores = distances_to_scores(D, metric)
             start = 0
             for i in members:
@@ -129,6 +154,31 @@ def search_shard_group(
                 image_ids, uris = id_map.lookup(ids_i)
                 out[shard][i] = ShardHits(s, ids_i.astype(np.int64), image_ids, uris)
     return out  # type: ignore[return-value]
+
+
+def slot_shards(n_shards: int, slot: int, n_slots: int) -> list[int]:
+    """The shard positions a searcher deployment serves: shard i goes to slot i % n_slots, so
+    each of the deployments made for the shards a service started with keeps its own shard, and
+    shards added later (`raysearch add`, picked up by a reload) are dealt out among them."""
+    return [i for i in range(n_shards) if i % n_slots == slot]
+
+
+def search_opened(opened: OpenShards, queries: list[ShardQuery]) -> list[ShardHits]:
+    """Every shard of `opened` searched for a batch of requests, merged into one ShardHits per
+    request (the top-k of those shards; vector ids are unique across shards)."""
+    if not opened.shards:
+        out = []
+        for q in queries:
+            n = q.xq.shape[0]
+            none = np.full((n, q.k), None, dtype=object)
+            out.append(ShardHits(np.full((n, q.k), np.nan, np.float32), np.full((n, q.k), -1, np.int64), none, none.copy()))
+        return out
+    per_shard = search_shard_group(opened.group, [ids for _, ids in opened.shards], queries, opened.metric,
+                                   opened.default_nprobe, opened.id_filter)
+    if len(per_shard) == 1:
+        return per_shard[0]
+    merged = [merge_shard_hits([hits[i] for hits in per_shard], q.k) for i, q in enumerate(queries)]
+    return [ShardHits(m.scores, m.ids, m.image_ids, m.uris) for m in merged]
 
 
 def merge_shard_hits(hits: list[ShardHits | None], k: int) -> MergedHits:
@@ -199,12 +249,14 @@ class ResourcePlan:
     shard_cpus: float
     embed_threads: int
     search_threads: int
+    verifier_cpus: float = 0.0   # per LocalVerifier replica (a second stage; 0 without one)
 
 
 # What each replica would like when the cluster has room: the ingress only parses and merges.
 WANTED_INGRESS_CPUS = 0.5
 WANTED_EMBEDDER_CPUS = 1.0
 WANTED_SHARD_CPUS = 1.0
+WANTED_VERIFIER_CPUS = 1.0   # local-feature matching and RANSAC run on one OpenCV thread
 
 
 def plan_resources(
@@ -219,12 +271,15 @@ def plan_resources(
     shard_cpus: float | None = None,
     embed_threads: int | None = None,
     search_threads: int | None = None,
+    verifiers: int = 0,
+    verifier_cpus: float | None = None,
 ) -> ResourcePlan:
     """Reserve resources so that every replica can start on the cluster as it is now.
 
     Values given explicitly are kept. The CPU shares left to choose start from what each replica
     would like and shrink together until the whole application fits the cluster's CPUs (on a
-    laptop, three shards and an embedder share two cores). The embedder gets one GPU per replica
+    laptop, three shards and an embedder share two cores); `verifiers` LocalVerifier replicas (a
+    second stage) are counted with them. The embedder gets one GPU per replica
     when the cluster has enough, a share of one when it has fewer GPUs than replicas, none without.
     """
     if embedder_gpus is None:
@@ -233,6 +288,7 @@ def plan_resources(
         "ingress": (ingress_cpus, WANTED_INGRESS_CPUS, replicas),
         "embedder": (embedder_cpus, WANTED_EMBEDDER_CPUS, replicas),
         "shard": (shard_cpus, WANTED_SHARD_CPUS, n_shards * shard_replicas),
+        "verifier": (verifier_cpus, WANTED_VERIFIER_CPUS, verifiers),
     }
     fixed = sum(v * n for v, _, n in wanted.values() if v is not None)
     flexible = sum(w * n for v, w, n in wanted.values() if v is None)
@@ -250,6 +306,7 @@ def plan_resources(
         shard_cpus=chosen["shard"],
         embed_threads=embed_threads or max(1, round(chosen["embedder"])),
         search_threads=search_threads or max(1, round(chosen["shard"])),
+        verifier_cpus=chosen["verifier"] if verifiers else 0.0,
     )
 
 

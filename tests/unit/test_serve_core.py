@@ -134,6 +134,17 @@ def test_resources_fit_a_two_core_laptop():
     assert plan.embed_threads >= 1 and plan.search_threads >= 1
 
 
+def test_local_verifiers_are_sized_with_the_rest_of_the_service():
+    """--rerank local on two cores: the LocalVerifier replicas must fit beside the ingress, the
+    embedder and the shards (reserving a whole CPU each would leave a replica unplaceable)."""
+    plan = plan_resources(n_shards=1, replicas=1, shard_replicas=1, cluster_cpus=2, cluster_gpus=0, verifiers=2)
+    total = plan.ingress_cpus + plan.embedder_cpus + plan.shard_cpus + 2 * plan.verifier_cpus
+    assert total <= 2.0 and plan.verifier_cpus > 0
+    roomy = plan_resources(n_shards=1, replicas=1, shard_replicas=1, cluster_cpus=16, cluster_gpus=0, verifiers=2)
+    assert roomy.verifier_cpus == 1.0
+    assert plan_resources(n_shards=1, replicas=1, shard_replicas=1, cluster_cpus=2, cluster_gpus=0).verifier_cpus == 0.0
+
+
 def test_resources_on_a_large_cluster_and_explicit_values():
     plan = plan_resources(n_shards=4, replicas=2, shard_replicas=2, cluster_cpus=64, cluster_gpus=4)
     assert (plan.ingress_cpus, plan.embedder_cpus, plan.shard_cpus, plan.embedder_gpus) == (0.5, 1.0, 1.0, 1.0)
