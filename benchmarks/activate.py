@@ -83,7 +83,7 @@ def main() -> None:
 
     from raysearch.activate.optimize import ActivateConfig
     from raysearch.activate.pipeline import ActivatePipelineConfig, activate_source
-    from raysearch.build import build
+    from raysearch.builder import build
     from raysearch.embed import EmbedConfig
     from raysearch.evaluate.activation import ActivationEvalConfig, evaluate_activation
     from raysearch.datasets.copyset import CopySetConfig, write_copy_detection_set

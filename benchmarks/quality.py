@@ -60,7 +60,7 @@ def main() -> None:
     ap.add_argument("--workdir", default=None, help="keep the set, indexes and results.json here")
     args = ap.parse_args()
 
-    from raysearch.build import build, index_embeddings
+    from raysearch.builder import build, index_embeddings
     from raysearch.embed import EmbedConfig
     from raysearch.datasets.copyset import CopySetConfig, write_copy_detection_set
     from raysearch.evaluate.copy import CopyEvalConfig, evaluate_copy_detection

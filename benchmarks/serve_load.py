@@ -265,7 +265,7 @@ def ensure_image_index(workdir: str, n_references: int, n_queries: int, seed: in
     when one with these settings exists); returns the index and the query image paths."""
     from photos import photographs
 
-    from raysearch.build import build
+    from raysearch.builder import build
     from raysearch.datasets.copyset import CopySetConfig, write_copy_detection_set
     from raysearch.embed import EmbedConfig
     from raysearch.index.build import IndexConfig

@@ -138,7 +138,7 @@ def index_is_complete(index_dir: str) -> bool:
 
 def run_build(results: JobResults, source: str, index_dir: str, args: argparse.Namespace, whitening=None) -> dict:
     """Stage 'build': embed SOURCE and index it (reused when OUT already holds a complete index)."""
-    from raysearch.build import build
+    from raysearch.builder import build
     from raysearch.index.store import read_manifest
 
     with results.stage("build") as rec:

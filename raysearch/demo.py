@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image
 
-from raysearch.build import BuildResult, build
+from raysearch.builder import BuildResult, build
 from raysearch.embed import EmbedConfig
 from raysearch.edits import apply_edit
 from raysearch.index.build import IndexConfig

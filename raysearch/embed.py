@@ -495,6 +495,7 @@ def embed_source(
 
     spec = spec or resolve_model(config.model)
     start = time.perf_counter()
+    embeddings_dir = storage.absolute(embeddings_dir)   # read and written by Ray's workers
     run = embeddings_run(embeddings_dir)
     local = local_record(config.local)
     record = {"source": source_spec, "model": spec.to_dict(), "local": local, "raysearch_version": __version__}

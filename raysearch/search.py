@@ -19,6 +19,8 @@ import numpy as np
 from raysearch.index.expansion import QueryExpansion, alpha_query_expansion
 from raysearch.index.fanout import SearchResult, ShardGroup, distances_to_scores, merge_topk
 from raysearch.index.store import IdMap, IndexStore
+from raysearch.index.fields import Fields, empty_fields
+from raysearch.index.tombstones import VectorFilter, search_filtered
 from raysearch.index.transforms import PreTransformParts, split_pretransform
 from raysearch.models.embedder import embed_image_uris, preprocess_image
 from raysearch.rerank import LocalReranker, RerankConfig, rerank_rows
@@ -86,6 +88,11 @@ class Searcher:
         # Shards are [whitening ->] inner index; every shard holds the same transform.
         self._parts: list[PreTransformParts] = [split_pretransform(ix) for ix in self.shards]
         self._group = ShardGroup([parts.inner for parts in self._parts])
+        # Removed images (tombstones) are skipped by every search until the index is compacted.
+        self.removed_ids: np.ndarray = self.store.removed_ids()
+        self.id_filter = VectorFilter(self.removed_ids)
+        self._fields: Fields | None = None
+        self._filters: dict[str, VectorFilter] = {}
         self._lookups: dict[int, VectorLookup] = {}
         self._reranker: LocalReranker | None = None
         if query_expansion is None:
@@ -108,15 +115,47 @@ class Searcher:
         xq = check_queries(xq, self.dim)
         return self._parts[0].apply(xq) if self._parts else xq
 
+    @property
+    def fields(self) -> Fields:
+        """The images' metadata (raysearch.index.fields), read on first use; empty without any."""
+        if self._fields is None:
+            table = self.store.load_fields()
+            self._fields = Fields(table) if table is not None else empty_fields()
+        return self._fields
+
+    def filter_for(self, where: str | None) -> VectorFilter:
+        """The ids a search may return: every live one, or with `where` (an expression over the
+        metadata columns, raysearch.index.fields) only the live ones that satisfy it."""
+        if where is None:
+            return self.id_filter
+        if not self.fields.columns:
+            raise ValueError(f"--where needs metadata columns; {self.store.index_dir} has none "
+                             "(build or add from a .csv / .parquet list with extra columns)")
+        key = where.strip()
+        if key not in self._filters:
+            if len(self._filters) >= 16:   # the bitmaps of a few recent filters
+                self._filters.pop(next(iter(self._filters)))
+            self._filters[key] = VectorFilter(self.removed_ids, self.fields.select(where))
+        return self._filters[key]
+
+    def fields_of(self, result: SearchResult, columns: list[str] | None = None) -> list[list[dict]]:
+        """The metadata of every hit of `result` (one list per query, {} where a hit has none;
+        cut at the first empty slot); `columns` None: all of them."""
+        values = self.fields.values(result.ids.ravel(), columns) if self.fields.columns else [{}] * result.ids.size
+        k = result.ids.shape[1] if result.ids.ndim == 2 else 0
+        return [[values[q * k + r] for r in range(k) if result.ids[q, r] >= 0] for q in range(result.ids.shape[0])]
+
     def search(self, xq: np.ndarray, k: int = 10, nprobe: int | None = None,
-               query_expansion: QueryExpansion | None | bool = None) -> SearchResult:
+               query_expansion: QueryExpansion | None | bool = None, where: str | None = None) -> SearchResult:
         """Top-k for raw query vectors (nq, dim). `query_expansion`: None = the Searcher's default,
-        False = none, or a QueryExpansion for this call."""
+        False = none, or a QueryExpansion for this call. `where`: only images whose metadata
+        satisfy it (raysearch.index.fields), still k of them where k exist."""
         check_k(k)
-        return self.search_many(xq, k, nprobe, query_expansion)
+        return self.search_many(xq, k, nprobe, query_expansion, where=where)
 
     def search_many(self, xq: np.ndarray, k: int, nprobe: int | None = None,
-                    query_expansion: QueryExpansion | None | bool = None, batch_size: int = 4096) -> SearchResult:
+                    query_expansion: QueryExpansion | None | bool = None, batch_size: int = 4096,
+                    where: str | None = None) -> SearchResult:
         """Like `search`, in query batches and without the k <= 1000 limit (evaluation ranks
         whole collections)."""
         xq = check_queries(xq, self.dim)
@@ -126,25 +165,31 @@ class Searcher:
             raise ValueError(f"--nprobe must be >= 1, got {nprobe}")
         qe = self.query_expansion if query_expansion is None else (query_expansion or None)
         nprobe = nprobe or self.store.nprobe
+        id_filter = self.filter_for(where)
         if xq.shape[0] == 0:
             return SearchResult.empty(k)
-        results = [self._search_batch(xq[i:i + batch_size], k, nprobe, qe) for i in range(0, max(1, len(xq)), batch_size)]
+        results = [self._search_batch(xq[i:i + batch_size], k, nprobe, qe, id_filter)
+                   for i in range(0, max(1, len(xq)), batch_size)]
         if len(results) == 1:
             return results[0]
         return SearchResult(*(np.concatenate([getattr(r, f) for r in results]) for f in ("scores", "ids", "shard")))
 
-    def _search_batch(self, xq: np.ndarray, k: int, nprobe: int | None, qe: QueryExpansion | None) -> SearchResult:
+    def _search_batch(self, xq: np.ndarray, k: int, nprobe: int | None, qe: QueryExpansion | None,
+                      id_filter: VectorFilter | None = None) -> SearchResult:
         xs = self.to_index_space(xq)
         if qe is None:
-            return self.search_index_space(xs, k, nprobe)
-        first = self.search_index_space(xs, qe.k, nprobe)
+            return self.search_index_space(xs, k, nprobe, id_filter)
+        first = self.search_index_space(xs, qe.k, nprobe, id_filter)
         valid = first.ids >= 0
         top = self.vectors(first.ids, first.shard)
-        return self.search_index_space(alpha_query_expansion(xs, top, first.scores, qe.alpha, valid), k, nprobe)
+        return self.search_index_space(alpha_query_expansion(xs, top, first.scores, qe.alpha, valid), k, nprobe, id_filter)
 
-    def search_index_space(self, xs: np.ndarray, k: int, nprobe: int | None = None) -> SearchResult:
-        """Search vectors that are already in the index's space (see `to_index_space`)."""
-        per_shard = self._group.search(xs, k, nprobe)
+    def search_index_space(self, xs: np.ndarray, k: int, nprobe: int | None = None,
+                           id_filter: VectorFilter | None = None) -> SearchResult:
+        """Search vectors that are already in the index's space (see `to_index_space`); removed
+        vectors (and with `id_filter`, every id it refuses) are skipped by FAISS ID selectors, so
+        each row still holds k results when the index has k it may return."""
+        per_shard = search_filtered(self._group, xs, k, nprobe, id_filter or self.id_filter)
         metric = self.store.metric
         merged = merge_topk([D for D, _ in per_shard], [I for _, I in per_shard], k, keep_max=metric != "l2")
         return SearchResult(distances_to_scores(merged.D, metric), merged.I, merged.source)
@@ -192,6 +237,7 @@ class Searcher:
     def search_images(
         self, uris: list[str], k: int = 10, nprobe: int | None = None,
         query_expansion: QueryExpansion | None | bool = None, rerank: RerankConfig | None = None,
+        where: str | None = None,
     ) -> tuple[SearchResult, list[str | None]]:
         """Embed and search query images by path/URI. Returns the result and, per query, None or
         the reason it could not be used (its result row is then empty).
@@ -201,7 +247,7 @@ class Searcher:
         verified and with how many inliers."""
         xq, problems = embed_image_uris(uris, self.store.model_spec, self.embedder())
         depth = max(k, rerank.k) if rerank is not None else k
-        result = self.search_many(xq, depth, nprobe, query_expansion)
+        result = self.search_many(xq, depth, nprobe, query_expansion, where=where)
         bad = [i for i, p in enumerate(problems) if p is not None]
         result.ids[bad] = -1
         result.scores[bad] = np.nan

@@ -34,6 +34,12 @@ def get_fs(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
     return fs, path
 
 
+def absolute(uri: str) -> str:
+    """A local path made absolute (Ray's workers do not share the driver's working directory);
+    a URI (s3://, file://, ...) as given."""
+    return uri if "://" in uri else os.path.abspath(os.path.expanduser(uri))
+
+
 def is_local(uri: str) -> bool:
     """Whether `uri` is on the local filesystem (a plain path or file://)."""
     fs, _ = get_fs(uri)

@@ -8,7 +8,7 @@ from raysearch.cli.common import app
 
 def _register() -> None:
     # Importing a command module adds its commands to `app`.
-    from raysearch.cli import activate, add, build, demo, errors, eval, eval_gldv2, search, serve, train  # noqa: F401
+    from raysearch.cli import activate, add, build, collection, demo, errors, eval, eval_gldv2, search, serve, train  # noqa: F401
 
 
 _register()

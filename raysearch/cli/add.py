@@ -17,6 +17,7 @@ def add(
     source: Annotated[str, typer.Argument(help="Folder, glob, list file or s3:// URI with the new images.")],
     shards: Annotated[int, typer.Option(help="New shards the added vectors are split over (built in parallel).")] = 1,
     merge: Annotated[bool, typer.Option("--merge/--no-merge", help="Append to the last shard instead of adding new shards.")] = False,
+    replace: Annotated[bool, typer.Option("--replace/--no-replace", help="Embed images already in the index again (their old vectors are removed) instead of skipping them.")] = False,
     batch_size: BatchOpt = None,
     concurrency: ConcurrencyOpt = None,
     max_error_rate: MaxErrOpt = 0.05,
@@ -26,9 +27,10 @@ def add(
 ) -> None:
     """Embed SOURCE's images with the index's own model and append them to INDEX_DIR.
 
-    Images whose image_id the index already holds are skipped and reported. The quantiser is not
-    retrained; the manifest is rewritten last, so an interrupted add leaves the index as it was
-    (rerun the same command to finish it).
+    Images whose image_id the index already holds are skipped and reported (with --replace:
+    embedded again, replacing their old vectors). Removed images are compacted out first. The
+    quantiser is not retrained; the manifest is rewritten last, so an interrupted add leaves the
+    index as it was (rerun the same command to finish it).
     """
     from raysearch.embed import EmbedConfig
     from raysearch.add import AddConfig, add_images
@@ -39,10 +41,15 @@ def add(
         embed=EmbedConfig(batch_size=batch_size, concurrency=concurrency, max_error_rate=max_error_rate, progress=progress),
         shards=shards,
         merge=merge,
+        replace=replace,
     )
     if address:
         ensure_ray(address)
     result = add_images(index_dir, source, config)
+    if result.n_compacted:
+        typer.echo(f"compacted {result.n_compacted} removed vectors out of the shards")
+    if result.n_replaced:
+        typer.echo(f"replaced {result.n_replaced} of {result.n_source} images already in the index (embedded again)")
     if result.n_skipped:
         examples = ", ".join(result.skipped_examples) + (", ..." if result.n_skipped > len(result.skipped_examples) else "")
         typer.echo(f"skipped {result.n_skipped} of {result.n_source} images already in the index ({examples})")

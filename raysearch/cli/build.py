@@ -186,7 +186,7 @@ def build(
 
     An interrupted build rerun with the same arguments resumes where it stopped.
     """
-    from raysearch.build import build as run_build
+    from raysearch.builder import build as run_build
     from raysearch.embed import EmbedConfig
     from raysearch.runtime import ensure_ray
 
@@ -202,7 +202,7 @@ def build(
     try:
         result = run_build(source, out, embed_cfg, index_cfg, overwrite=overwrite, dba=dba_cfg, query_expansion=qe_cfg)
     except KeyboardInterrupt:
-        from raysearch.build import build_progress
+        from raysearch.builder import build_progress
 
         raise interrupted(build_progress(out), "images") from None
     if result.complete_before:
@@ -270,7 +270,7 @@ def index_cmd(
     merged, and its nprobe tuned to reach --target-recall; see docs/index.md.
     """
     from raysearch import storage
-    from raysearch.build import build_request, index_embeddings, prepare_output_dir
+    from raysearch.builder import build_request, index_embeddings, prepare_output_dir
     from raysearch.formats.embeddings import load_embeddings_manifest
     from raysearch.runtime import ensure_ray
 

@@ -7,6 +7,7 @@
       shards/shard-00000.ids.parquet   id -> image_id, uri for that shard, sorted by id
       errors.parquet             images that could not be used: row, image_id, uri, reason
       embeddings/                the embedding run (listing, Parquet parts); see raysearch.embed
+      tombstones-<key>.npy       vector ids removed but still in the shards (raysearch.index.tombstones)
 
 Every file the index needs is listed in the manifest with its size and SHA-256, and loading checks
 them, so a truncated, swapped or foreign file is refused by name instead of answering wrongly.
@@ -253,6 +254,33 @@ class IndexStore:
             folder if ("://" in folder or os.path.isabs(folder)) else storage.join(self.index_dir, folder)
             for folder in self.manifest.get("embeddings", [])
         ]
+
+    def removed_ids(self) -> np.ndarray:
+        """The vector ids removed from the index but still held by its shards (its tombstones):
+        sorted, unique (n,) int64; empty when nothing awaits compaction. The file is checked
+        against the manifest like every other, so a half-written one is refused by name."""
+        entry = self.manifest.get("tombstones")
+        if not entry:
+            return np.empty(0, np.int64)
+        path = self._checked_local(entry["name"])
+        try:
+            ids = np.load(path, allow_pickle=False)
+        except (ValueError, OSError, EOFError) as e:
+            raise IndexFormatError(f"{entry['name']} of {self.index_dir} is not a tombstone list: {e}") from e
+        if ids.ndim != 1 or ids.dtype != np.int64 or ids.size != int(entry.get("n", ids.size)):
+            raise IndexFormatError(
+                f"{entry['name']} of {self.index_dir} holds {ids.dtype} {ids.shape}, "
+                f"expected {entry.get('n')} int64 vector ids"
+            )
+        return ids
+
+    def load_fields(self) -> pa.Table | None:
+        """The images' metadata (raysearch.index.fields): id (vector id) and one column per field,
+        checked against the manifest; None for an index without any."""
+        entry = self.manifest.get("fields")
+        if not entry:
+            return None
+        return pq.read_table(self._checked_local(entry["name"]))
 
     def load_trained(self) -> faiss.Index:
         name = self.manifest.get("trained_index", TRAINED_INDEX)

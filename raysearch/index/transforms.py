@@ -48,7 +48,7 @@ class WhiteningConfig:
 
     source: None learns it on the indexed embeddings themselves; otherwise an embeddings folder or
     an index directory (its embeddings) made with the index's model. The build orchestration
-    (`raysearch.build`) embeds an image SOURCE first and passes its folder here, with the SOURCE as
+    (`raysearch.builder`) embeds an image SOURCE first and passes its folder here, with the SOURCE as
     `trained_on` (the name the manifest records).
     dim: axes kept (default: all, at most the number of training vectors - 1).
     shrinkage: added to every variance as a multiple of the mean variance (0 = plain PCA-whitening).

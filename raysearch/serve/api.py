@@ -6,6 +6,8 @@
     GET  /stats     model, dim, count, shards, factory, nprobe, replicas
     GET  /          a search page: upload an image, see the top-k as thumbnails
     GET  /images/{image_id}   a JPEG thumbnail of an indexed image (only images the index holds)
+    DELETE /images/{image_id} remove an image from the index (a tombstone; `raysearch compact` drops it)
+    POST /reload    reopen the index if `raysearch add` / `remove` / `compact` changed it
     GET  /metrics   Prometheus text format: requests, latency per stage, partial answers, errors
     GET  /docs      the OpenAPI description in Swagger UI, served from the package (no CDN)
 
@@ -92,6 +94,12 @@ class SearchBackend(Protocol):
     def stats(self) -> dict[str, Any]:
         """What GET /stats reports about the served index."""
         ...
+    async def remove_images(self, image_ids: list[str]) -> dict[str, Any]:
+        """Remove images from the index and serve it without them; ApiError 404 for an unknown id."""
+        ...
+    async def reload(self) -> dict[str, Any]:
+        """Reopen the index if its manifest changed: {"reloaded", "version", "count", "n_removed"}."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -127,6 +135,9 @@ class SearchJSON(BaseModel):
     )
     k: int = Field(10, description=f"Results per query, 1..{MAX_K}.")
     nprobe: int | None = Field(None, description="Override the index's tuned nprobe / efSearch.")
+    where: str | None = Field(None, description="Only images whose metadata satisfy this expression, "
+                              "e.g. 'label == \"boots\"' (==, !=, <, <=, >, >=, in, and, or, not).")
+    fields: list[str] | None = Field(None, description="Metadata columns to return with each hit.")
 
 
 class Hit(BaseModel):
@@ -136,6 +147,7 @@ class Hit(BaseModel):
     id: str = Field(description="image_id: the image's path relative to the indexed source, no extension.")
     uri: str
     score: float = Field(description="Higher is more similar (cosine similarity for unit vectors).")
+    fields: dict[str, Any] | None = Field(None, description="The metadata asked for with `fields`.")
 
 
 class SearchResponse(BaseModel):
@@ -164,6 +176,8 @@ _MULTIPART_SCHEMA = {
                    "description": "Several query images: one result list each."},
         "k": {"type": "integer", "default": 10},
         "nprobe": {"type": "integer"},
+        "where": {"type": "string", "description": "A metadata filter, e.g. label == \"boots\"."},
+        "fields": {"type": "string", "description": "Metadata columns to return, comma-separated."},
     },
 }
 _SEARCH_OPENAPI = {
@@ -193,6 +207,8 @@ class ParsedSearch:
     k: int
     nprobe: int | None
     as_list: bool  # queries were sent as a list: answer with one list per query
+    where: str | None = None          # a metadata filter (raysearch.index.fields)
+    fields: list[str] | None = None   # metadata columns to return with each hit
 
 
 def _check_k_nprobe(k: Any, nprobe: Any) -> tuple[int, int | None]:
@@ -257,7 +273,7 @@ def parse_json_search(body: bytes, dim: int, max_queries: int) -> ParsedSearch:
             except (binascii.Error, ValueError):
                 name = f"image_b64[{i}]" if as_list else "image_b64"
                 raise ApiError(400, f"{name} is not valid base64") from None
-        return ParsedSearch(images, None, k, nprobe, as_list)
+        return ParsedSearch(images, None, k, nprobe, as_list, _check_where(req.where), req.fields)
     vector = req.vector
     if not vector:
         _count_check(0, max_queries)
@@ -269,7 +285,20 @@ def parse_json_search(body: bytes, dim: int, max_queries: int) -> ParsedSearch:
         xq = check_queries(np.asarray(vector, dtype=np.float32), dim)
     except ValueError as e:
         raise ApiError(422, f"vector: {e}") from None
-    return ParsedSearch(None, xq, k, nprobe, as_list)
+    return ParsedSearch(None, xq, k, nprobe, as_list, _check_where(req.where), req.fields)
+
+
+def _check_where(where: str | None) -> str | None:
+    """A where expression that parses (422 naming the problem otherwise); its columns are checked
+    by the backend, which knows the index's."""
+    if where is None:
+        return None
+    from raysearch.index.fields import Where
+
+    try:
+        return Where(where).expr
+    except ValueError as e:
+        raise ApiError(422, str(e).replace("--where", "where")) from None
 
 
 async def parse_multipart_search(request: Request, max_queries: int) -> ParsedSearch:
@@ -285,7 +314,7 @@ async def parse_multipart_search(request: Request, max_queries: int) -> ParsedSe
                 if not isinstance(value, UploadFile):
                     raise ApiError(422, f"field {key!r} must be a file upload")
                 (single if key == "image" else several).append(value)
-            elif key in ("k", "nprobe"):
+            elif key in ("k", "nprobe", "where", "fields"):
                 if isinstance(value, UploadFile) or key in fields:
                     raise ApiError(422, f"field {key!r} must be given once, as a plain value")
                 fields[key] = value
@@ -303,7 +332,8 @@ async def parse_multipart_search(request: Request, max_queries: int) -> ParsedSe
         images = [await f.read() for f in files]
     finally:
         await form.close()
-    return ParsedSearch(images, None, k, nprobe, bool(several))
+    columns = [c.strip() for c in str(fields["fields"]).split(",") if c.strip()] if "fields" in fields else None
+    return ParsedSearch(images, None, k, nprobe, bool(several), _check_where(fields.get("where")), columns)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -417,10 +447,12 @@ async def answer_search(request: Request, backend: SearchBackend, settings: ApiS
     else:
         raise ApiError(415, f"unsupported Content-Type {content_type or '(none)'!r}: "
                             "send multipart/form-data or application/json")
+    # Filters and fields go to the backend only when asked for (a backend may not know them).
+    extra = {name: value for name, value in (("where", parsed.where), ("fields", parsed.fields)) if value}
     if parsed.images is not None:
-        answer = await backend.search_images(parsed.images, parsed.k, parsed.nprobe)
+        answer = await backend.search_images(parsed.images, parsed.k, parsed.nprobe, **extra)
     else:
-        answer = await backend.search_vectors(parsed.vectors, parsed.k, parsed.nprobe)  # type: ignore[arg-type]
+        answer = await backend.search_vectors(parsed.vectors, parsed.k, parsed.nprobe, **extra)  # type: ignore[arg-type]
     if metrics is not None:
         n = len(parsed.images) if parsed.images is not None else len(parsed.vectors)  # type: ignore[arg-type]
         metrics.observe_answer(n, "image" if parsed.images is not None else "vector", answer.missing_shards)
@@ -568,6 +600,23 @@ def create_api(backend: SearchBackend, settings: ApiSettings, metrics: ServiceMe
             raise ApiError(404, f"image {image_id!r} is not in the index")
         # private: thumbnails may sit behind an API key, so shared caches must not keep them.
         return Response(jpeg, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=3600"})
+
+    @api.delete(
+        "/images/{image_id:path}",
+        summary="Remove an image from the index",
+        responses={s: {"model": ErrorResponse} for s in (401, 404)},
+        dependencies=keyed,
+    )
+    async def remove_image(image_id: str) -> dict[str, Any]:
+        """Searches stop returning `image_id` at once (its vector is tombstoned in the index
+        directory; `raysearch compact` or the next `raysearch add` drops it from the shards).
+        404 when the index does not hold it."""
+        return await backend.remove_images([image_id])
+
+    @api.post("/reload", summary="Reopen the index if add / remove / compact changed it", dependencies=keyed,
+              responses={s: {"model": ErrorResponse} for s in (401,)})
+    async def reload() -> dict[str, Any]:
+        return await backend.reload()
 
     @api.get("/metrics", summary="Prometheus metrics of this replica (text format)", response_class=Response,
              responses={200: {"content": {METRICS_CONTENT_TYPE: {}}}}, dependencies=keyed)

@@ -16,6 +16,7 @@ import numpy as np
 
 from raysearch.index.store import IdMap
 from raysearch.index.fanout import ShardGroup, distances_to_scores, merge_topk
+from raysearch.index.fields import Fields, empty_fields
 from raysearch.index.tombstones import VectorFilter, search_filtered
 
 
@@ -29,6 +30,7 @@ class ShardQuery:
     # The index version (manifest digest) the ingress serves: a searcher holding another one
     # reopens the index first (after add / remove / compact).
     version: str | None = None
+    where: str | None = None     # a metadata filter (raysearch.index.fields), checked by the ingress
 
 
 @dataclass
@@ -78,6 +80,22 @@ class OpenShards:
     id_filter: VectorFilter | None = None   # the index's removed vectors, skipped by every search
     version: str | None = None   # the manifest's version these shards were opened from
     names: list[str] | None = None   # the shards' labels (shard-00001 ...)
+    fields: Fields | None = None     # the index's metadata, for `where` filters
+    index_ntotal: int | None = None  # vectors of the whole index (these shards may be a part)
+    filters: dict[str, VectorFilter] | None = None   # recent `where` filters, built once each
+
+    def filter_for(self, where: str | None) -> VectorFilter | None:
+        """The ids a search may return: live ones, and with `where` those it selects."""
+        if where is None:
+            return self.id_filter
+        cache = self.filters if self.filters is not None else {}
+        if where not in cache:
+            if len(cache) >= 16:
+                cache.pop(next(iter(cache)))
+            removed = self.id_filter.removed if self.id_filter is not None else None
+            cache[where] = VectorFilter(removed, (self.fields or empty_fields()).select(where))
+            self.filters = cache
+        return cache[where]
 
 
 def manifest_version(index_dir: str) -> str:
@@ -102,9 +120,11 @@ def open_shards(index_dir: str, which: list[int] | None, verify: bool, threads: 
     store = IndexStore(index_dir, verify=verify)
     which = list(range(len(store.shards))) if which is None else which
     shards = [(store.load_shard(i), store.load_ids(i)) for i in which]
+    table = store.load_fields()
     return OpenShards(shards, store.metric, store.nprobe, ShardGroup([index for index, _ in shards]),
                       VectorFilter(store.removed_ids()), version,
-                      [shard_label(store.shards[i].name) for i in which])
+                      [shard_label(store.shards[i].name) for i in which],
+                      Fields(table) if table is not None else empty_fields(), store.ntotal, {})
 
 
 def search_shard(
@@ -126,10 +146,12 @@ def search_shard_group(
     metric: str,
     default_nprobe: int | None,
     id_filter: VectorFilter | None = None,
+    opened: OpenShards | None = None,
 ) -> list[list[ShardHits]]:
     """Answer a batch of requests on every shard of `group` with one search per distinct nprobe:
     per shard, one ShardHits per request. Ids `id_filter` refuses (removed images) are skipped
-    while searching, so each request still gets k live results where the shard holds them.
+    while searching, so each request still gets k live results where the shard holds them;
+    requests with a `where` filter are searched under `opened.filter_for(where)`.
 
     Requests that share an nprobe are stacked into one (sum n, d) matrix and searched with the
     largest k among them: FAISS parallelises over the rows of a batch, a request's top-k is the
@@ -137,13 +159,17 @@ def search_shard_group(
     whole batch to lists once (`ShardGroup`).
     """
     out: list[list[ShardHits | None]] = [[None] * len(queries) for _ in id_maps]
-    groups: dict[int | None, list[int]] = {}
+    groups: dict[tuple[int | None, str | None], list[int]] = {}
     for i, q in enumerate(queries):
-        groups.setdefault(q.nprobe or default_nprobe, []).append(i)
-    for nprobe, members in groups.items():
+        groups.setdefault((q.nprobe or default_nprobe, q.where), []).append(i)
+    for (nprobe, where), members in groups.items():
         xq = np.concatenate([queries[i].xq for i in members]).astype(np.float32, copy=False)
         k_max = max(queries[i].k for i in members)
-        for shard, ((D, ids), id_map) in enumerate(zip(search_filtered(group, xq, k_max, nprobe, id_filter), id_maps)):
+        if where is not None and opened is None:
+            raise ValueError("a query with a where filter needs the opened shards' metadata")
+        chosen = opened.filter_for(where) if where is not None else id_filter
+        total = opened.index_ntotal if opened is not None else None
+        for shard, ((D, ids), id_map) in enumerate(zip(search_filtered(group, xq, k_max, nprobe, chosen, total), id_maps)):
             scores = distances_to_scores(D, metric)
             start = 0
             for i in members:
@@ -174,7 +200,7 @@ def search_opened(opened: OpenShards, queries: list[ShardQuery]) -> list[ShardHi
             out.append(ShardHits(np.full((n, q.k), np.nan, np.float32), np.full((n, q.k), -1, np.int64), none, none.copy()))
         return out
     per_shard = search_shard_group(opened.group, [ids for _, ids in opened.shards], queries, opened.metric,
-                                   opened.default_nprobe, opened.id_filter)
+                                   opened.default_nprobe, opened.id_filter, opened)
     if len(per_shard) == 1:
         return per_shard[0]
     merged = [merge_shard_hits([hits[i] for hits in per_shard], q.k) for i, q in enumerate(queries)]
@@ -208,9 +234,12 @@ def merge_shard_hits(hits: list[ShardHits | None], k: int) -> MergedHits:
     return MergedHits(merged.D, merged.I, image_ids, uris, shards.astype(np.int32))
 
 
-def hits_to_json(merged: MergedHits) -> list[list[dict[str, Any]]]:
+def hits_to_json(merged: MergedHits, fields: Fields | None = None, columns: list[str] | None = None
+                 ) -> list[list[dict[str, Any]]]:
     """One list per query of {"rank", "id", "uri", "score"} (and "verified", "inliers" after
-    verification), best first; empty slots are dropped."""
+    verification; "fields", the metadata `columns` from `fields`, when columns are asked for),
+    best first; empty slots are dropped."""
+    values = fields.values(merged.ids.ravel(), columns) if fields is not None and columns else None
     out = []
     for q in range(merged.ids.shape[0]):
         row = []
@@ -225,6 +254,8 @@ def hits_to_json(merged: MergedHits) -> list[list[dict[str, Any]]]:
             }
             if merged.verified is not None:
                 hit.update(verified=bool(merged.verified[q, r]), inliers=int(merged.inliers[q, r]))
+            if values is not None:
+                hit["fields"] = values[q * merged.ids.shape[1] + r]
             row.append(hit)
         out.append(row)
     return out

@@ -29,10 +29,13 @@ from raysearch.serve.core import (
     ShardQuery,
     concat_hits,
     hits_to_json,
+    manifest_version,
     merge_shard_hits,
     open_shards,
-    search_shard,
+    search_opened,
     search_shard_group,
+    shard_label,
+    slot_shards,
 )
 from raysearch.serve.images import IndexedImages
 from raysearch.serve.metrics import EMBED, MERGE, RERANK, SEARCH, ServiceMetrics
@@ -104,15 +107,34 @@ class ShardSearcher:
     """
 
     def __init__(self, index_dir: str, shard: int, verify: bool, search_threads: int,
-                 max_batch_size: int, batch_wait_timeout_s: float):
-        opened = open_shards(index_dir, [shard], verify, search_threads)
-        self.shard = shard
-        (self.index, self.id_map), = opened.shards
-        self.metric = opened.metric
-        self.default_nprobe = opened.default_nprobe
+                 max_batch_size: int, batch_wait_timeout_s: float, n_slots: int = 1):
+        self.index_dir = index_dir
+        self.shard = shard                 # this deployment's slot: shards i with i % n_slots == shard
+        self.n_slots = max(1, n_slots)
+        self.verify = verify
+        self.search_threads = search_threads
+        self.opened = self._open()
+        self._reloading = asyncio.Lock()
         self.search_batch.set_max_batch_size(max_batch_size)
         self.search_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
         self.batches = _BatchLog()
+
+    def _open(self) -> OpenShards:
+        from raysearch.index.store import IndexStore
+
+        n = len(IndexStore(self.index_dir, verify=False).shards)
+        return open_shards(self.index_dir, slot_shards(n, self.shard, self.n_slots), self.verify, self.search_threads)
+
+    async def reload(self, version: str | None = None) -> str | None:
+        """Reopen the index when its manifest is not at `version` (None: whatever it is now) and
+        differs from the one this replica holds; returns the version it holds afterwards."""
+        async with self._reloading:
+            current = version or await asyncio.to_thread(manifest_version, self.index_dir)
+            if current != self.opened.version:
+                # Opened in a thread beside the old shards, which keep answering until the swap.
+                self.opened = await asyncio.to_thread(self._open)
+                log.info("shard searcher %d reopened %s at version %s", self.shard, self.index_dir, self.opened.version)
+            return self.opened.version
 
     async def search(self, query: ShardQuery) -> ShardHits:
         """One request's queries -> this shard's top-k of each, via `search_batch`."""
@@ -121,13 +143,16 @@ class ShardSearcher:
     @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.0)
     async def search_batch(self, queries: list[ShardQuery]) -> list[ShardHits]:
         """@serve.batch: the requests of concurrent `search` calls -> one ShardHits each, with one
-        FAISS search per distinct nprobe."""
+        FAISS search per distinct nprobe (after reopening the index when the ingress serves a
+        newer version of it)."""
         self.batches.add(sum(q.xq.shape[0] for q in queries))
+        versions = {q.version for q in queries if q.version is not None}
+        if versions and versions != {self.opened.version}:
+            await self.reload()
+        opened = self.opened
         # FAISS releases the GIL: searching in a thread keeps the event loop free to queue the
         # requests that form the next batch.
-        return await asyncio.to_thread(
-            search_shard, self.index, self.id_map, queries, self.metric, self.default_nprobe
-        )
+        return await asyncio.to_thread(search_opened, opened, queries)
 
     def ping(self) -> bool:
         """True: answers health checks (the Ingress's GET /healthz); not batched."""
@@ -231,7 +256,81 @@ class Ingress:
         )
         # This replica's Prometheus registry (GET /metrics) and the indexed images (GET /images/...).
         self.metrics = ServiceMetrics(n_vectors=int(index_info["count"]), n_shards=len(self.shard_names))
-        self.images = IndexedImages(index_info["index_dir"], max_pixels=self.max_image_pixels)
+        self.index_dir = str(index_info["index_dir"])
+        self.verify = bool(settings.get("verify", True))
+        # The manifest version served: sent with every shard query, so that searchers reopen the
+        # index after add / remove / compact; checked on disk every reload_check_s (0: only on
+        # POST /reload and DELETE), so every replica notices changes made by others.
+        self.reload_check_s = float(settings.get("reload_check_s", 2.0))
+        self.version = manifest_version(self.index_dir)
+        self._checked_at = time.monotonic()
+        self._writing = asyncio.Lock()
+        self.local_threads = int(local["threads"]) if local else 1
+        self.images = LiveImages(IndexedImages(self.index_dir, max_pixels=self.max_image_pixels), set())
+        self._refresh_index_state()
+
+    def _refresh_index_state(self) -> None:
+        """Counts and removed image_ids of the index as it is now (stats, metrics, thumbnails)."""
+        from raysearch.index.store import IndexStore
+        from raysearch.index.tombstones import removed_image_ids
+
+        from raysearch.index.fields import Fields, empty_fields
+
+        store = IndexStore(self.index_dir, verify=False)
+        removed = store.removed_ids()
+        table = store.load_fields()
+        self.fields = Fields(table) if table is not None else empty_fields()
+        self.info = {**self.info, "count": store.ntotal - int(removed.size), "n_removed": int(removed.size),
+                     "shards": [{"name": shard_label(s.name), "count": s.ntotal} for s in store.shards],
+                     "version": self.version, "fields": self.fields.columns}
+        self.metrics.index_vectors.set(self.info["count"])
+        self.metrics.index_shards.set(len(store.shards))
+        # Updated in place: the API's routes hold this object.
+        self.images.update(IndexedImages(self.index_dir, max_pixels=self.max_image_pixels),
+                           removed_image_ids(store, removed))
+
+    async def reload(self) -> dict[str, Any]:
+        """Reopen the index if its manifest changed since this replica opened it (`raysearch add`,
+        `remove`, `compact`): the ingress's own shards with --shards-in-ingress, else every shard
+        searcher is told the new version (one replica each now; the others when their next query
+        carries it). Returns {"reloaded", "version", "count", "n_removed"}."""
+        version = await asyncio.to_thread(manifest_version, self.index_dir)
+        self._checked_at = time.monotonic()
+        changed = version != self.version
+        if changed:
+            if self.local is not None:
+                self.local = await asyncio.to_thread(open_shards, self.index_dir, None, self.verify,
+                                                     self.local_threads)
+            else:
+                calls = [h.reload.remote(version) for h in self.shards]
+                await asyncio.wait([asyncio.ensure_future(_result(c)) for c in calls],
+                                   timeout=max(self.shard_timeout_s, 30.0))
+            self.version = version
+            await asyncio.to_thread(self._refresh_index_state)
+        return {"reloaded": changed, "version": self.version, "count": self.info["count"],
+                "n_removed": self.info["n_removed"]}
+
+    async def remove_images(self, image_ids: list[str]) -> dict[str, Any]:
+        """Tombstone `image_ids` in the index directory and serve the index without them
+        (raysearch.index.tombstones.remove_images). Raises ApiError 404 for an id the index does
+        not hold (nothing is removed then)."""
+        from raysearch.index.tombstones import remove_images
+
+        async with self._writing:   # one writer per replica; run one writer per index in all
+            try:
+                result = await asyncio.to_thread(remove_images, self.index_dir, image_ids, self.verify)
+            except ValueError as e:
+                raise ApiError(404, str(e)) from None
+            state = await self.reload()
+        return {"removed": list(image_ids), "vectors": result.vector_ids.tolist(), **state}
+
+    async def _watch(self) -> None:
+        if self.reload_check_s > 0 and time.monotonic() - self._checked_at >= self.reload_check_s:
+            self._checked_at = time.monotonic()
+            try:
+                await self.reload()
+            except Exception as e:  # noqa: BLE001 - a failed check leaves the service as it was
+                log.warning("could not check %s for changes: %s", self.index_dir, e)
 
     def __serve_build_asgi_app__(self):
         # Built per replica, after __init__: the routes close over this replica's handles.
@@ -239,13 +338,28 @@ class Ingress:
 
     # -- the SearchBackend protocol -------------------------------------------------------
 
-    async def search_images(self, images: list[bytes], k: int, nprobe: int | None) -> SearchAnswer:
+    def _check_query_fields(self, where: str | None, fields: list[str] | None) -> None:
+        """422 for a where filter that does not parse or names an unknown column, or an unknown
+        field, before anything is embedded or searched."""
+        try:
+            if where is not None:
+                from raysearch.index.fields import Where
+
+                Where(where).mask(self.fields.table.slice(0, 0))
+            if fields:
+                self.fields.values([], fields)
+        except ValueError as e:
+            raise ApiError(422, str(e).replace("--where", "where").replace("--fields", "fields")) from None
+
+    async def search_images(self, images: list[bytes], k: int, nprobe: int | None, where: str | None = None,
+                            fields: list[str] | None = None) -> SearchAnswer:
         """Image files (their bytes) -> the top `k` of each: decoded here, embedded by the
         QueryEmbedder, then searched as `search_vectors`. Not batched here (the embedder is).
 
         Raises ApiError: 400 for an image that does not decode, 503 when the embedder fails or
         does not answer within embed_timeout_s, 422 for a non-finite embedding.
         """
+        self._check_query_fields(where, fields)
         started = time.perf_counter()
         pixels = await asyncio.gather(*(asyncio.to_thread(self._preprocess, i, data, len(images) > 1)
                                         for i, data in enumerate(images)))
@@ -264,8 +378,8 @@ class Ingress:
         if not np.isfinite(xq).all():
             raise ApiError(422, "the model produced a non-finite embedding for this image")
         if self.verifier is None:
-            return await self.search_vectors(xq, k, nprobe)
-        merged, missing = await self._search_merged(xq, max(k, self.rerank_k), nprobe)
+            return await self.search_vectors(xq, k, nprobe, where, fields)
+        merged, missing = await self._search_merged(xq, max(k, self.rerank_k), nprobe, where)
         started = time.perf_counter()
         try:
             rows = await asyncio.gather(*(self.verifier.verify.remote(image, merged.row(q))
@@ -278,23 +392,27 @@ class Ingress:
         verified = MergedHits(*(None if a is None else a[:, :k] for a in (
             verified.scores, verified.ids, verified.image_ids, verified.uris, verified.shards,
             verified.verified, verified.inliers)))
-        return SearchAnswer(hits_to_json(verified), partial=bool(missing), missing_shards=missing)
+        return SearchAnswer(hits_to_json(verified, self.fields, fields), partial=bool(missing), missing_shards=missing)
 
-    async def search_vectors(self, xq: np.ndarray, k: int, nprobe: int | None) -> SearchAnswer:
+    async def search_vectors(self, xq: np.ndarray, k: int, nprobe: int | None, where: str | None = None,
+                             fields: list[str] | None = None) -> SearchAnswer:
         """Query vectors xq (n, dim) float32 -> the exact top `k` of each over the shards that
         answered within shard_timeout_s (partial when some did not). Not batched here (the shard
         searches are).
 
         Raises ApiError 503 when no shard answered.
         """
-        merged, missing = await self._search_merged(xq, k, nprobe)
+        self._check_query_fields(where, fields)
+        merged, missing = await self._search_merged(xq, k, nprobe, where)
         # Vector queries carry no image to verify: their hits are the first stage's.
-        return SearchAnswer(hits_to_json(merged), partial=bool(missing), missing_shards=missing)
+        return SearchAnswer(hits_to_json(merged, self.fields, fields), partial=bool(missing), missing_shards=missing)
 
-    async def _search_merged(self, xq: np.ndarray, k: int, nprobe: int | None) -> tuple[MergedHits, list[str]]:
+    async def _search_merged(self, xq: np.ndarray, k: int, nprobe: int | None,
+                             where: str | None = None) -> tuple[MergedHits, list[str]]:
         """The exact top `k` over the shards that answered, and the names of those that did not."""
+        await self._watch()
         started = time.perf_counter()
-        hits = await self._ask_shards(ShardQuery(xq, k, nprobe))
+        hits = await self._ask_shards(ShardQuery(xq, k, nprobe, version=self.version, where=where))
         self.metrics.observe_stage(SEARCH, time.perf_counter() - started)
         missing = [name for name, h in zip(self.shard_names, hits) if h is None]
         started = time.perf_counter()
@@ -350,8 +468,9 @@ class Ingress:
 
     def _search_local(self, queries: list[ShardQuery]) -> list[list[ShardHits]]:
         assert self.local is not None
-        return search_shard_group(self.local.group, [ids for _, ids in self.local.shards], queries,
-                                  self.local.metric, self.local.default_nprobe)
+        local = self.local   # one opened version for the whole batch, even if a reload swaps it
+        return search_shard_group(local.group, [ids for _, ids in local.shards], queries,
+                                  local.metric, local.default_nprobe, local.id_filter, local)
 
     def batch_stats(self) -> dict[str, Any]:
         """Number, largest and mean size (query vectors) of the last `search_local_batch` batches
@@ -389,6 +508,27 @@ class Ingress:
         except Exception:  # noqa: BLE001 - any failure means "not answering"
             call.cancel()
             return False
+
+
+class LiveImages:
+    """The indexed images for GET /images/{image_id}, without those removed from the index."""
+
+    def __init__(self, images: IndexedImages, removed: set[str]):
+        self.images = images
+        self.removed = removed
+
+    def update(self, images: IndexedImages, removed: set[str]) -> None:
+        """Serve the index as it is after a reload: its images as they are now, less `removed`."""
+        self.images, self.removed = images, removed
+
+    def remember(self, hits) -> None:
+        self.images.remember(hits)
+
+    def thumbnail(self, image_id: str, size: int) -> bytes | None:
+        """A JPEG thumbnail of `image_id`, or None when the index does not hold it (any more)."""
+        if image_id in self.removed:
+            return None
+        return self.images.thumbnail(image_id, size)
 
 
 async def _result(call):

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from raysearch.activate.optimize import ActivateConfig
 from raysearch.activate.pipeline import ActivatePipelineConfig, activate_source, read_report
-from raysearch.build import build
+from raysearch.builder import build
 from raysearch.cli import app
 from raysearch.embed import EmbedConfig
 from raysearch.formats.embeddings import list_parts, read_errors

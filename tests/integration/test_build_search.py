@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
-from raysearch.build import build
+from raysearch.builder import build
 from raysearch.cli import app
 from raysearch.embed import EmbedConfig
 from raysearch.index.build import IndexConfig

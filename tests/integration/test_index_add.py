@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from raysearch.build import build
+from raysearch.builder import build
 from raysearch.cli import app
 from raysearch.embed import EmbedConfig
 from raysearch.index.build import IndexConfig

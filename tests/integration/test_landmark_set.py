@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from raysearch.build import build
+from raysearch.builder import build
 from raysearch.datasets.landmarks import LandmarkSetConfig, write_landmark_set
 from raysearch.embed import EmbedConfig
 from raysearch.evaluate.landmarks import LandmarkEvalConfig, evaluate_landmarks

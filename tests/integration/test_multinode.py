@@ -11,7 +11,7 @@ import time
 import numpy as np
 import pytest
 
-from raysearch.build import build
+from raysearch.builder import build
 from raysearch.embed import EmbedConfig
 from raysearch.formats.embeddings import list_parts, read_rows_column
 from raysearch.index.build import IndexConfig

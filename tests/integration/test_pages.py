@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from raysearch.build import build
+from raysearch.builder import build
 from raysearch.cli import app
 from raysearch.datasets.copyset import CopySetConfig, write_copy_detection_set
 from raysearch.embed import EmbedConfig

@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from raysearch.build import build
+from raysearch.builder import build
 from raysearch.cli import app as cli_app
 from raysearch.embed import EmbedConfig
 from raysearch.index.build import IndexConfig
@@ -168,7 +168,7 @@ def test_service_with_rerank_answers_what_search_rerank_answers(index_dir, queri
         vector = httpx.post(f"{url}/search", json={"vector": [0.03] * IndexStore(index_dir).dim, "k": 3},
                             timeout=60).json()
     finally:
-        serve.delete(APP)
+        serve.shutdown()   # the next test module starts Serve with its own HTTP options
     searcher = Searcher(index_dir)
     result, problems = searcher.search_images(queries, k=5, rerank=RerankConfig(k=10))
     image_ids, uris = searcher.lookup(result)

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from raysearch.build import build
+from raysearch.builder import build
 from raysearch.embed import EmbedConfig
 from raysearch.index.build import IndexConfig
 from raysearch.index.store import IndexFormatError

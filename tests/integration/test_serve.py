@@ -20,7 +20,7 @@ import yaml
 from PIL import Image
 from typer.testing import CliRunner
 
-from raysearch.build import build
+from raysearch.builder import build
 from raysearch.cli import app as cli_app
 from raysearch.embed import EmbedConfig
 from raysearch.index.build import IndexConfig

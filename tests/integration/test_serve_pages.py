@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
-from raysearch.build import build
+from raysearch.builder import build
 from raysearch.embed import EmbedConfig
 from raysearch.index.build import IndexConfig
 from raysearch.pages.browser import chromium_path, run_chromium

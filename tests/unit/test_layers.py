@@ -24,7 +24,7 @@ FLOORS: dict[int, tuple[str, ...]] = {
     3: ("raysearch.formats", "raysearch.datasets"),
     4: ("raysearch.embed", "raysearch.index"),
     5: ("raysearch.search", "raysearch.rerank", "raysearch.verify"),
-    6: ("raysearch.build", "raysearch.add", "raysearch.activate", "raysearch.serve", "raysearch.train"),
+    6: ("raysearch.builder", "raysearch.add", "raysearch.activate", "raysearch.serve", "raysearch.train"),
     7: ("raysearch.evaluate", "raysearch.pages.reports"),   # the report pages read the evaluations' reports
     8: ("raysearch.cli", "raysearch.demo", "raysearch.api", "raysearch.__main__"),
 }

@@ -20,6 +20,8 @@ SECTIONS = {
     "add": ["### raysearch add", "### raysearch build"],
     "search": ["### raysearch search"],
     "errors": ["### raysearch errors"],
+    "remove": ["### Managing the collection"],
+    "compact": ["### Managing the collection"],
     "models": ["### raysearch models, raysearch demo"],
     "demo": ["### raysearch models, raysearch demo"],
     "serve": ["### Start"],

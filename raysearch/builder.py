@@ -102,6 +102,7 @@ def build(
     `dba` augments the database vectors before indexing; `query_expansion` is recorded as the
     index's default re-ranking for search.
     """
+    index_dir = storage.absolute(index_dir)
     spec = resolve_model(embed_config.model)  # fail on a bad model before touching the output
     open_source(source)  # fail on a missing source before touching the output
     local = local_record(embed_config.local)  # and on local features this machine cannot extract
@@ -118,7 +119,17 @@ def build(
     summary = embed_source(source, embeddings_dir, embed_config, spec=spec, before_embedding=check)
     manifest = index_embeddings(embeddings_dir, index_dir, index_config, dba, query_expansion,
                                 embed_progress=embed_config.progress, request=request)
+    # The extra columns of a .csv / .parquet list SOURCE, for --fields and --where.
+    manifest = _with_fields(index_dir, source, manifest)
     return BuildResult(index_dir=index_dir, embed=summary, manifest=manifest)
+
+
+def _with_fields(index_dir: str, source: str, manifest: dict[str, Any]) -> dict[str, Any]:
+    from raysearch.index.fields import attach_fields
+
+    if attach_fields(index_dir, source) is None:
+        return manifest
+    return storage.read_json(storage.join(index_dir, MANIFEST))
 
 
 def embeddings_for(source: str, model: dict, work_dir: str, progress: bool = False) -> str:
@@ -150,6 +161,8 @@ def index_embeddings(
     `query_expansion` is stored in the manifest as the default that `Searcher` applies.
     """
     extra: dict[str, Any] = {}
+    # The shard builders are Ray actors: they need paths that do not depend on this process's cwd.
+    embeddings_dir, index_dir = storage.absolute(embeddings_dir), storage.absolute(index_dir)
     emb = load_embeddings_manifest(embeddings_dir)
     check_index_request(index_config, int(emb["dim"]), max(1, int(emb.get("n_embedded", 1))))
     if request is None:
