@@ -26,6 +26,7 @@ pairs/s counts verified (query, candidate) pairs per second of matching + geomet
 Usage:
   python benchmarks/rerank.py [--seeds 0 1] [--references 400] [--queries 300] [--rerank-k 20]
       [--aliked-queries 40] [--landmarks 30] [--workdir DIR]
+      [--crop-fraction 0.08 0.3 --min-side 64] [--more-k 50] [--no-extracted]   # the harder set
 """
 
 from __future__ import annotations
@@ -38,8 +39,6 @@ import sys
 import tempfile
 import time
 
-import numpy as np
-
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -48,7 +47,7 @@ IN_PROCESS = 10 ** 9     # eval's in-process limit: every query verified here, s
 
 def timed_build(source: str, out: str, local: str | None) -> tuple[float, dict]:
     """Build an exact index of `source` (with --local `local`); (seconds, manifest)."""
-    from raysearch.build import build
+    from raysearch.builder import build
     from raysearch.embed import EmbedConfig
     from raysearch.index.build import IndexConfig
 
@@ -110,6 +109,7 @@ def run_copy(seed: int, args, photos, work: str) -> dict:
     folder = os.path.join(work, f"copy-s{seed}")
     cs = write_copy_detection_set(folder, CopySetConfig(
         n_references=args.references, n_queries=args.queries, n_background=0, positive_share=0.5, seed=seed,
+        crop_fraction=tuple(args.crop_fraction), min_side=args.min_side,
     ), photos=photos)
     print(f"copy set seed {seed}: {len(cs.reference_ids)} references, {len(cs.query_edits)} queries", flush=True)
     builds = {}
@@ -136,10 +136,13 @@ def run_copy(seed: int, args, photos, work: str) -> dict:
     for name, searcher, config in [
         ("+ sift, stored", sift, RerankConfig(k=rk)),
         ("+ sift, stored, mirror", sift, RerankConfig(k=rk, mirror=True)),
-        ("+ sift, extracted at query time", extracted, RerankConfig(k=rk)),
+        *([("+ sift, extracted at query time", extracted, RerankConfig(k=rk))] if args.extracted else []),
+        *[row for more in args.more_k for row in (
+            (f"+ sift, stored, k {more}", sift, RerankConfig(k=more)),
+            (f"+ sift, stored, mirror, k {more}", sift, RerankConfig(k=more, mirror=True)))],
     ]:
         report = evaluate(searcher, config)
-        rows.append(copy_row(name, report, nq * min(rk, n_refs) * (2 if config.mirror else 1)))
+        rows.append(copy_row(name, report, nq * min(config.k, n_refs) * (2 if config.mirror else 1)))
         print(f"  {name}: micro-AP {rows[-1]['micro_ap']:.3f}, {rows[-1]['ms_per_query']:.1f} ms/query", flush=True)
 
     aliked = None
@@ -203,6 +206,13 @@ def main() -> None:
     ap.add_argument("--aliked-queries", type=int, default=40, help="Queries for ALIKED + LightGlue (0: skip).")
     ap.add_argument("--aliked-k", type=int, default=10, help="Candidates ALIKED verifies per query.")
     ap.add_argument("--landmarks", type=int, default=30, help="Landmarks of the landmark-style set (0: skip).")
+    ap.add_argument("--crop-fraction", type=float, nargs=2, default=[0.12, 0.45], metavar=("MIN", "MAX"),
+                    help="Side of a reference crop as a share of its photograph's (smaller: more, harder references).")
+    ap.add_argument("--min-side", type=int, default=48, help="Smallest reference crop side, pixels.")
+    ap.add_argument("--more-k", type=int, nargs="*", default=[],
+                    help="Also verify this many candidates (with and without the mirror), e.g. 50.")
+    ap.add_argument("--no-extracted", dest="extracted", action="store_false",
+                    help="Skip the row that extracts candidates' features at query time (slow).")
     ap.add_argument("--workdir", default=None)
     args = ap.parse_args()
 
