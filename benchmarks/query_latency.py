@@ -10,8 +10,10 @@ Measured:
   search wall      `python -m raysearch search INDEX QUERY.jpg`: the whole command, as a user waits
   first embed      in one process: `Searcher.embed_image_bytes` of the query, model load included
   embed p50        the same call once the model is loaded: median of --calls calls
-  serve embed p50  the serve deployment `QueryEmbedder` (its class, in process, on the serve
-                   replica's threads): one request at a time, median of --calls calls
+  serve embed p50  what one request costs the serve deployment `QueryEmbedder`: its Embedder,
+                   built with the replica's settings, run in a worker thread from an event loop
+                   as the replica's batch method runs it (serve.batch itself only runs inside a
+                   Serve replica), one request at a time, median of --calls calls
 
 Usage:
   python benchmarks/query_latency.py [--references 300 --repeats 5 --calls 30 --threads 2] [--workdir DIR] [--json OUT]
@@ -43,8 +45,8 @@ def _child(index_dir: str, query: str, calls: int, threads: int, device: str) ->
     import numpy as np
     import torch
 
+    from raysearch.models.embedder import Embedder
     from raysearch.search import Searcher
-    from raysearch.serve.deployments import QueryEmbedder
 
     torch.set_num_threads(threads)
     data = open(query, "rb").read()
@@ -58,15 +60,19 @@ def _child(index_dir: str, query: str, calls: int, threads: int, device: str) ->
         searcher.embed_image_bytes([data])
         times.append(1e3 * (time.perf_counter() - start))
     pixels = searcher.preprocess(data)
-    # The deployment's own class, built as Serve builds the replica (build_app passes these).
-    replica = QueryEmbedder.func_or_class(searcher.store.manifest["model"], device, threads, 16, 0.005)
+    # The replica's Embedder, with the settings build_app gives QueryEmbedder.
+    embedder = Embedder(searcher.store.manifest["model"], device=device, torch_threads=threads)
+
+    async def one_request() -> np.ndarray:
+        # QueryEmbedder.embed_batch with a batch of one: np.stack, the forward pass in a thread.
+        return (await asyncio.to_thread(embedder.embed_pixels, np.stack([pixels])))[0]
 
     async def serve_calls() -> list[float]:
         out = []
-        await replica.embed(pixels)
+        await one_request()
         for _ in range(calls):
             start = time.perf_counter()
-            vector = await replica.embed(pixels)
+            vector = await one_request()
             out.append(1e3 * (time.perf_counter() - start))
         assert np.asarray(vector).shape == (searcher.store.model_spec.dim,)
         return out
