@@ -7,8 +7,12 @@ references are indexed with `raysearch build --local sift` (the global vectors a
 features in the same pass), then evaluated with `raysearch eval copy`'s code path:
 
     global only                the built-in descriptor, exact index (the baseline, same run)
-    + sift, stored             --rerank local: the top --rerank-k verified, stored features
-    + sift, stored, mirror     --rerank-mirror: the query's mirror image matched too
+    + sift, previous defaults  --rerank local as it was: the top --rerank-k verified, stored
+                               features, no mirror, no exclusive rule (the "before" of this run)
+    + sift, stored             --rerank local with today's defaults: the query's mirror matched
+                               when nothing verified directly (--rerank-mirror fallback, RootSIFT
+                               permuted), the exclusive rule (raysearch.verify.fusion)
+    + sift, mirror always      --rerank-mirror always: the mirror matched for every query
     + sift, extracted          an index built without --local: candidates' features extracted
                                from their images at query time (same scores, slower)
     + aliked (subset)          ALIKED + LightGlue on --aliked-queries queries (CPU is slow), with
@@ -21,7 +25,8 @@ verified.
 
 Verification runs in this process, one query after another (what one CPU worker does); ms/query
 is the whole second stage (query features, candidates' features, matching, geometry, fusion),
-pairs/s counts verified (query, candidate) pairs per second of matching + geometry.
+pairs/s counts verified (query, candidate) pairs per second of matching + geometry (a query whose
+mirror was matched counts its pairs twice); "mirror" is the share of queries whose mirror was matched.
 
 Usage:
   python benchmarks/rerank.py [--seeds 0 1] [--references 400] [--queries 300] [--rerank-k 20]
@@ -63,11 +68,21 @@ def local_bytes_per_image(manifest: dict) -> float:
     return total / max(1, int(record.get("n_images") or 1))
 
 
-def copy_row(name: str, report, n_verified: int) -> dict:
+def previous_defaults(k: int):
+    """--rerank local as it was before the mirror fallback and the exclusive rule became defaults."""
+    from raysearch.rerank import RerankConfig
+    from raysearch.verify import FusionConfig, VerifyConfig
+
+    return RerankConfig(k=k, mirror="off", verify=VerifyConfig(fusion=FusionConfig(exclusive=False)))
+
+
+def copy_row(name: str, report, n_verified: int, mirror_share: float | None = None) -> dict:
     m = report.metrics
     seconds = report.seconds
     row = {"configuration": name, "micro_ap": m.average_precision, "recall_at_1": m.recall_at_rank1,
            "recall_at_p90": m.recall_at_p90 or 0.0, "n_queries": report.n_queries}
+    if mirror_share is not None:
+        row["mirror_share"] = mirror_share
     if "rerank" in seconds:
         row["ms_per_query"] = 1000 * seconds["rerank"] / report.n_queries
         matching = seconds.get("rerank_verify", 0.0)
@@ -129,21 +144,33 @@ def run_copy(seed: int, args, photos, work: str) -> dict:
         return evaluate_copy_detection(searcher, queries, gt, CopyEvalConfig(
             k=k, rerank=rerank, in_process_limit=IN_PROCESS, match_ids="name"))
 
+    def verified_row(name, searcher, config, queries=cs.queries, gt=cs.ground_truth):
+        """copy_row of one verified evaluation, with the pairs it matched: verification runs in
+        this process (IN_PROCESS), through the searcher's reranker for `config`."""
+        reranker = searcher.reranker(config)
+        before = dict(reranker.counts)
+        report = evaluate(searcher, config, queries, gt)
+        assert searcher.reranker(config) is reranker
+        done = {key: reranker.counts[key] - before[key] for key in before}
+        return copy_row(name, report, done["pairs"] + done["mirror_pairs"],
+                        done["mirror_queries"] / max(1, done["queries"]))
+
     rows = []
     base = evaluate(sift, None)
     rows.append(copy_row("global only (baseline)", base, 0))
     nq = base.n_queries
     for name, searcher, config in [
-        ("+ sift, stored", sift, RerankConfig(k=rk)),
-        ("+ sift, stored, mirror", sift, RerankConfig(k=rk, mirror=True)),
+        ("+ sift, stored, previous defaults (mirror off, no exclusive rule)", sift, previous_defaults(rk)),
+        ("+ sift, stored (defaults: mirror fallback, exclusive rule)", sift, RerankConfig(k=rk)),
+        ("+ sift, stored, mirror always", sift, RerankConfig(k=rk, mirror="always")),
         *([("+ sift, extracted at query time", extracted, RerankConfig(k=rk))] if args.extracted else []),
         *[row for more in args.more_k for row in (
-            (f"+ sift, stored, k {more}", sift, RerankConfig(k=more)),
-            (f"+ sift, stored, mirror, k {more}", sift, RerankConfig(k=more, mirror=True)))],
+            (f"+ sift, stored, k {more}, previous defaults", sift, previous_defaults(more)),
+            (f"+ sift, stored, k {more}", sift, RerankConfig(k=more)))],
     ]:
-        report = evaluate(searcher, config)
-        rows.append(copy_row(name, report, nq * min(config.k, n_refs) * (2 if config.mirror else 1)))
-        print(f"  {name}: micro-AP {rows[-1]['micro_ap']:.3f}, {rows[-1]['ms_per_query']:.1f} ms/query", flush=True)
+        rows.append(verified_row(name, searcher, config))
+        print(f"  {name}: micro-AP {rows[-1]['micro_ap']:.3f}, {rows[-1]['ms_per_query']:.1f} ms/query, "
+              f"mirror matched for {rows[-1]['mirror_share']:.0%} of queries", flush=True)
 
     aliked = None
     if args.aliked_queries and seed == args.seeds[0]:   # ALIKED on CPU is slow: the first seed only
@@ -157,10 +184,9 @@ def run_copy(seed: int, args, photos, work: str) -> dict:
             ak = min(rk, args.aliked_k)
             aliked = [
                 copy_row("global only (subset)", evaluate(sift, None, sub_q, sub_gt), 0),
-                copy_row(f"+ sift, k {ak} (subset)", evaluate(sift, RerankConfig(k=ak), sub_q, sub_gt), args.aliked_queries * ak),
-                copy_row(f"+ aliked + lightglue, k {ak} (subset)",
-                         evaluate(Searcher(os.path.join(folder, "index-aliked")), RerankConfig(k=ak), sub_q, sub_gt),
-                         args.aliked_queries * ak),
+                verified_row(f"+ sift, k {ak} (subset)", sift, RerankConfig(k=ak), sub_q, sub_gt),
+                verified_row(f"+ aliked + lightglue, k {ak} (subset)", Searcher(os.path.join(folder, "index-aliked")),
+                             RerankConfig(k=ak), sub_q, sub_gt),
             ]
             print(f"  aliked subset: micro-AP {aliked[-1]['micro_ap']:.3f}, {aliked[-1]['ms_per_query']:.0f} ms/query", flush=True)
     return {
@@ -210,7 +236,7 @@ def main() -> None:
                     help="Side of a reference crop as a share of its photograph's (smaller: more, harder references).")
     ap.add_argument("--min-side", type=int, default=48, help="Smallest reference crop side, pixels.")
     ap.add_argument("--more-k", type=int, nargs="*", default=[],
-                    help="Also verify this many candidates (with and without the mirror), e.g. 50.")
+                    help="Also verify this many candidates (defaults and previous defaults), e.g. 50.")
     ap.add_argument("--no-extracted", dest="extracted", action="store_false",
                     help="Skip the row that extracts candidates' features at query time (slow).")
     ap.add_argument("--workdir", default=None)
@@ -236,15 +262,16 @@ def main() -> None:
     for run in results["copy"]:
         print(f"copy detection, seed {run['seed']}: {run['references']} references, {run['queries']} queries, "
               f"top {args.rerank_k} verified")
-        print("| configuration | micro-AP | recall@1 | recall at P90 | ms / query | pairs/s |")
-        print("|---|---|---|---|---|---|")
+        print("| configuration | micro-AP | recall@1 | recall at P90 | ms / query | pairs/s | mirror |")
+        print("|---|---|---|---|---|---|---|")
         base = run["rows"][0]["micro_ap"]
         for r in run["rows"] + (run["aliked_subset"] or []):
             ms = f"{r['ms_per_query']:.1f}" if "ms_per_query" in r else "-"
             pairs = f"{r['pairs_per_s']:.0f}" if r.get("pairs_per_s") else "-"
+            mirror = f"{r['mirror_share']:.0%}" if r.get("mirror_share") is not None else "-"
             ratio = f" ({r['micro_ap'] / base:.2f}x)" if base and "subset" not in r["configuration"] else ""
             print(f"| {r['configuration']} | {r['micro_ap']:.3f}{ratio} | {r['recall_at_1']:.3f} | "
-                  f"{r['recall_at_p90']:.3f} | {ms} | {pairs} |")
+                  f"{r['recall_at_p90']:.3f} | {ms} | {pairs} | {mirror} |")
         print(f"build seconds {run['build_seconds']}; stored local features KB/image {run['local_kb_per_image']}")
         print()
     if results["landmarks"]:

@@ -6,15 +6,21 @@
                 -> matches, a homography / affine fit, inliers (raysearch.verify)
                 -> fused score = global + a bounded bonus for geometric evidence; re-ordered
 
-The fused score stays comparable across queries (an unverified hit keeps its global score), so
-pooled metrics such as ISC2021's micro-AP improve with it (see raysearch.verify.fusion).
+The fused score stays comparable across queries (an unverified hit keeps its global score, or
+drops by the fusion's bonus when another candidate of its query verified: the exclusive rule), so
+pooled metrics such as ISC2021's micro-AP improve with it (see raysearch.verify.fusion). Flipped
+copies are found by matching the query's mirror image too (`RerankConfig.mirror`), by default only
+for queries whose candidates all failed directly; RootSIFT's mirror costs no extraction
+(raysearch.models.local.mirror_features).
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -23,8 +29,8 @@ from raysearch import storage
 from raysearch.formats.local import LocalFeatureFile
 from raysearch.images import DecodeError, decode_image
 from raysearch.index.store import IndexStore
-from raysearch.models.local import LocalExtractor, LocalFeatures, extract_mirrored, make_extractor
-from raysearch.verify import Verifier, VerifyConfig
+from raysearch.models.local import LocalExtractor, LocalFeatures, make_extractor, query_mirror
+from raysearch.verify import DEFAULT_MIRROR, Verifier, VerifyConfig, mirror_mode
 
 log = logging.getLogger("raysearch")
 
@@ -39,16 +45,23 @@ MAX_RERANK_K = 200
 @dataclass(frozen=True)
 class RerankConfig:
     """How to verify the shortlist: `k` candidates per query (the first stage fetches at least
-    that many), `mirror` also matches the query's mirror image (finds flipped copies; doubles the
-    matching cost), `verify` the matcher / geometry / fusion settings."""
+    that many); `mirror`, when to match the query's mirror image too, to find flipped copies
+    (raysearch.verify.MIRROR_MODES): "off", "fallback" (only for a query none of whose candidates
+    verified directly; the default) or "always" (twice the matching cost); `verify` the matcher /
+    geometry / fusion settings (the exclusive rule among them)."""
 
     k: int = DEFAULT_RERANK_K
-    mirror: bool = False
+    mirror: str = DEFAULT_MIRROR
     verify: VerifyConfig = field(default_factory=VerifyConfig)
 
     def __post_init__(self) -> None:
         if not 1 <= self.k <= MAX_RERANK_K:
             raise ValueError(f"--rerank-k must be between 1 and {MAX_RERANK_K}, got {self.k}")
+        object.__setattr__(self, "mirror", mirror_mode(self.mirror, "--rerank-mirror"))
+
+    def to_dict(self) -> dict[str, Any]:
+        """What reports record of the second stage: method, k, mirror and the exclusive rule."""
+        return {"method": "local", "k": self.k, "mirror": self.mirror, "exclusive": self.verify.fusion.exclusive}
 
 
 def check_method(method: str | None) -> None:
@@ -86,7 +99,8 @@ class LocalReranker:
     candidates' uris), the query extractor with the same settings, and the Verifier.
 
     max_cached_row_groups bounds the decoded features kept in memory per shard file (256 images a
-    row group, about 26 KB an image decoded); None keeps every group read.
+    row group, about 26 KB an image decoded); None keeps every group read. `seconds` sums the time
+    of each stage, `counts` the queries verified and the pairs matched (direct and mirror side).
     """
 
     def __init__(self, store: IndexStore, config: RerankConfig = RerankConfig(),
@@ -110,6 +124,8 @@ class LocalReranker:
                 len(self.missing_shards), len(store.shards), store.index_dir,
             )
         self.seconds: dict[str, float] = {}
+        # Queries verified, and (query, candidate) pairs matched on the direct and the mirror side.
+        self.counts: dict[str, int] = {"queries": 0, "mirror_queries": 0, "pairs": 0, "mirror_pairs": 0}
 
     @staticmethod
     def check_index(store: IndexStore) -> None:
@@ -122,9 +138,11 @@ class LocalReranker:
         self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
 
     def query_features(self, data: bytes, box: tuple[float, float, float, float] | None = None
-                       ) -> tuple[LocalFeatures, LocalFeatures | None]:
-        """The query image's features (and its mirror's, with config.mirror); `box` (x1, y1, x2,
-        y2) in original pixels crops the query first (revisitop's protocol). Raises DecodeError."""
+                       ) -> tuple[LocalFeatures, Callable[[], LocalFeatures] | None]:
+        """The query image's features and, unless config.mirror is "off", a function that makes
+        its mirror image's (called by the Verifier only when it matches the mirror side: permuted
+        for RootSIFT, extracted for other kinds); `box` (x1, y1, x2, y2) in original pixels crops
+        the query first (revisitop's protocol). Raises DecodeError."""
         start = time.perf_counter()
         if box is None:
             rgb = decode_image(data, draft_size=getattr(self.extractor, "max_side", None))
@@ -134,9 +152,10 @@ class LocalReranker:
             if rgb.shape[0] < 1 or rgb.shape[1] < 1:
                 raise DecodeError(f"empty crop box {box}")
         query = self.extractor.extract(rgb)
-        mirrored = extract_mirrored(self.extractor, rgb) if self.config.mirror else None
         self._time("extract_query", start)
-        return query, mirrored
+        if self.config.mirror == "off":
+            return query, None
+        return query, partial(query_mirror, self.extractor, rgb, query)
 
     def candidate_features(self, ids: np.ndarray, shards: np.ndarray, uris: np.ndarray) -> list[LocalFeatures | None]:
         """Features of candidates (vector ids, their shards, their uris), None where neither a
@@ -163,16 +182,28 @@ class LocalReranker:
             log.warning("cannot read candidate %s for verification: %s", uri, e)
             return None
 
-    def rerank(self, query: LocalFeatures, mirrored: LocalFeatures | None, ids: np.ndarray, shards: np.ndarray,
-               uris: np.ndarray, scores: np.ndarray) -> Reranked:
+    def rerank(self, query: LocalFeatures, mirrored: LocalFeatures | Callable[[], LocalFeatures] | None,
+               ids: np.ndarray, shards: np.ndarray, uris: np.ndarray, scores: np.ndarray) -> Reranked:
         """Verify one query's first-stage row (ids (n,), shards (n,), uris (n,), scores (n,)) and
-        re-order it by fused score; empty slots (id -1) stay last."""
+        re-order it by fused score; empty slots (id -1) stay last. `query` and `mirrored` come
+        from query_features (mirrored None: the mirror side is not matched)."""
         valid = np.flatnonzero(np.asarray(ids) >= 0)
         n = len(ids)
         candidates = self.candidate_features(ids[valid], shards[valid], uris[valid])
         start = time.perf_counter()
-        ver = self.verifier.verify(query, candidates, np.asarray(scores, np.float32)[valid], mirrored=mirrored)
-        self._time("verify", start)
+        ver = self.verifier.verify(query, candidates, np.asarray(scores, np.float32)[valid], mirrored=mirrored,
+                                   mirror="off" if mirrored is None else self.config.mirror)
+        # Making the mirror's features (when the Verifier needed them) is timed apart from matching.
+        mirror_seconds = ver.seconds.get("mirror_features", 0.0)
+        self._time("verify", start + mirror_seconds)
+        if mirror_seconds:
+            self.seconds["mirror_query"] = self.seconds.get("mirror_query", 0.0) + mirror_seconds
+        matched = sum(c is not None for c in candidates)
+        self.counts["queries"] += 1
+        self.counts["pairs"] += matched
+        if ver.mirror_matched:
+            self.counts["mirror_queries"] += 1
+            self.counts["mirror_pairs"] += matched
         order = valid[ver.order()]
         fused = np.full(n, np.nan, np.float32)
         verified = np.zeros(n, bool)

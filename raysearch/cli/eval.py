@@ -31,14 +31,16 @@ QeOpt = Annotated[Optional[int], typer.Option(help="Alpha query expansion with t
 QeAlphaOpt = Annotated[float, typer.Option(help="Query expansion weight = similarity ** alpha.")]
 RerankOpt = Annotated[Optional[str], typer.Option(help="Second stage: 'local' verifies each query's top --rerank-k with local features and geometry and re-orders them by a fused score.")]
 RerankKOpt = Annotated[int, typer.Option(help="Candidates verified per query with --rerank.")]
-RerankMirrorOpt = Annotated[bool, typer.Option("--rerank-mirror/--no-rerank-mirror", help="With --rerank: also match each query's mirror image (flipped copies; twice the matching time).")]
+RerankMirrorOpt = Annotated[str, typer.Option("--rerank-mirror", help="With --rerank: when to match each query's mirror image too, to find flipped copies: 'off', 'fallback' (only for queries none of whose candidates verified directly) or 'always' (twice the matching time).")]
 
 
-def rerank_option(method: Optional[str], k: int, mirror: bool):
-    """RerankConfig | None from the --rerank options."""
+def rerank_option(method: Optional[str], k: int, mirror: str):
+    """RerankConfig | None from the --rerank options (a bad --rerank-mirror is refused either way)."""
     from raysearch.rerank import RerankConfig, check_method
+    from raysearch.verify import mirror_mode
 
     check_method(method)
+    mirror = mirror_mode(mirror, "--rerank-mirror")
     return RerankConfig(k=k, mirror=mirror) if method else None
 MatchOpt = Annotated[str, typer.Option(help="How ids are matched: 'name' (file name without folders/extension, numbers as numbers) or 'exact' (image ids as indexed).")]
 InProcessOpt = Annotated[int, typer.Option(help="Embed up to this many query images in this process; more go through the Ray pipeline.")]
@@ -98,7 +100,7 @@ def copy_cmd(
     qe_alpha: QeAlphaOpt = 3.0,
     rerank: RerankOpt = None,
     rerank_k: RerankKOpt = 20,
-    rerank_mirror: RerankMirrorOpt = False,
+    rerank_mirror: RerankMirrorOpt = "fallback",
     background: Annotated[Optional[str], typer.Option(help="Score normalisation (SSCD): images (or an embeddings folder) none of the references copy, e.g. DISC21's training set.")] = None,
     beta: Annotated[float, typer.Option(help="Score normalisation weight: score -= beta * mean top-k background similarity.")] = 1.0,
     background_k: Annotated[int, typer.Option(help="Background neighbours averaged for score normalisation.")] = 3,
@@ -168,7 +170,7 @@ def landmarks_cmd(
     qe_alpha: QeAlphaOpt = 3.0,
     rerank: RerankOpt = None,
     rerank_k: RerankKOpt = 20,
-    rerank_mirror: RerankMirrorOpt = False,
+    rerank_mirror: RerankMirrorOpt = "fallback",
     crop: Annotated[bool, typer.Option("--crop/--no-crop", help="Crop queries to their bounding boxes (the protocol).")] = True,
     match_ids: MatchOpt = "name",
     json_out: JsonOpt = False,
@@ -218,7 +220,7 @@ def cmc_cmd(
     qe_alpha: QeAlphaOpt = 3.0,
     rerank: RerankOpt = None,
     rerank_k: RerankKOpt = 20,
-    rerank_mirror: RerankMirrorOpt = False,
+    rerank_mirror: RerankMirrorOpt = "fallback",
     match_ids: MatchOpt = "name",
     in_process_limit: InProcessOpt = 1000,
     work: WorkOpt = None,

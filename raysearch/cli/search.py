@@ -95,7 +95,7 @@ def search(
     verify: Annotated[bool, typer.Option("--verify/--no-verify", help="Check every index file against its checksum.")] = True,
     rerank: Annotated[Optional[str], typer.Option(help="Second stage: 'local' verifies the top --rerank-k candidates with local features and geometry, and re-orders them by a fused score.")] = None,
     rerank_k: Annotated[int, typer.Option(help="Candidates verified per query with --rerank.")] = 20,
-    rerank_mirror: Annotated[bool, typer.Option("--rerank-mirror/--no-rerank-mirror", help="With --rerank: also match the query's mirror image (finds flipped copies; twice the matching time).")] = False,
+    rerank_mirror: Annotated[str, typer.Option("--rerank-mirror", help="With --rerank: when to match the query's mirror image too, to find flipped copies: 'off', 'fallback' (only when none of its candidates verified directly) or 'always' (twice the matching time).")] = "fallback",
     where: Annotated[Optional[str], typer.Option("--where", help="Only images whose metadata satisfy this expression, e.g. 'label == \"boots\"' (==, !=, <, <=, >, >=, in, and, or, not over the columns of the list SOURCE).")] = None,
     fields: Annotated[Optional[str], typer.Option("--fields", help="Metadata columns to show with each hit, comma-separated (e.g. label,price).")] = None,
     html: Annotated[Optional[str], typer.Option("--html", help="Also write the results as a page: each query beside its top-k thumbnails (one self-contained HTML file).")] = None,
@@ -105,10 +105,12 @@ def search(
     from raysearch.index.expansion import QueryExpansion
     from raysearch.rerank import RerankConfig, check_method
     from raysearch.search import Searcher, check_k
+    from raysearch.verify import mirror_mode
 
     setup_logging(verbose)
     check_k(k)
     check_method(rerank)
+    rerank_mirror = mirror_mode(rerank_mirror, "--rerank-mirror")
     second = RerankConfig(k=rerank_k, mirror=rerank_mirror) if rerank else None
     expansion = None if qe is None else (QueryExpansion(qe, qe_alpha) if qe != 0 else False)
     paths = expand_queries(list(queries))

@@ -49,7 +49,7 @@ def serve_cmd(
     direct_ingress: Annotated[bool, typer.Option(help="Each ingress replica also answers HTTP on a port of its own (Ray Serve's direct ingress, ports printed at start), skipping the Serve proxy: about half the latency. A cluster joined with --address must run with RAY_SERVE_ENABLE_DIRECT_INGRESS=1.")] = False,
     rerank: Annotated[Optional[str], typer.Option(help="Second stage for image queries: 'local' verifies each query's top --rerank-k with local features and geometry (a LocalVerifier deployment) and re-orders them by a fused score; hits gain 'verified' and 'inliers'. Vector queries are answered by the first stage.")] = None,
     rerank_k: Annotated[int, typer.Option(help="Candidates verified per image query with --rerank.")] = 20,
-    rerank_mirror: Annotated[bool, typer.Option("--rerank-mirror/--no-rerank-mirror", help="With --rerank: also match each query's mirror image (flipped copies; twice the matching time).")] = False,
+    rerank_mirror: Annotated[str, typer.Option("--rerank-mirror", help="With --rerank: when to match each query's mirror image too, to find flipped copies: 'off', 'fallback' (only for queries none of whose candidates verified directly) or 'always' (twice the matching time).")] = "fallback",
     verifier_replicas: Annotated[int, typer.Option(help="Replicas of the LocalVerifier with --rerank (one CPU each).")] = 1,
     detach: Annotated[bool, typer.Option(help="Return once the service is up and leave it running on the Ray cluster (needs --address or $RAY_ADDRESS).")] = False,
     address: Annotated[Optional[str], typer.Option(help="Ray cluster address (default: $RAY_ADDRESS, else a local cluster).")] = None,

@@ -138,7 +138,8 @@ def evaluate_cmc(
         top=top_results(searcher, result, result.scores, [queries.ids[i] for i in use],
                         [query_keys[i] for i in use], correct.reshape(len(use), -1)),
         config={"k": depth, "nprobe": config.nprobe or searcher.store.nprobe,
-                "query_expansion": qe.to_dict() if isinstance(qe, QueryExpansion) else None},
+                "query_expansion": qe.to_dict() if isinstance(qe, QueryExpansion) else None,
+                "rerank": config.rerank.to_dict() if config.rerank is not None else None},
     )
 
 

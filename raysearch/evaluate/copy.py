@@ -203,8 +203,7 @@ def _evaluate_copy_detection(searcher, queries, ground_truth, config: CopyEvalCo
                 if background is not None else None
             ),
             "match_ids": config.match_ids,
-            "rerank": ({"method": "local", "k": config.rerank.k, "mirror": config.rerank.mirror}
-                       if config.rerank is not None else None),
+            "rerank": config.rerank.to_dict() if config.rerank is not None else None,
         },
     )
 

@@ -147,7 +147,8 @@ def evaluate_landmarks(
                         [keyf(q.name) for q in gnd.queries], correct),
         junk=junk, query_uris=[uri_of[keyf(q.name)] for q in gnd.queries],
         config={"k": depth, "nprobe": config.nprobe or searcher.store.nprobe, "crop": config.crop,
-                "query_expansion": qe.to_dict() if isinstance(qe, QueryExpansion) else None},
+                "query_expansion": qe.to_dict() if isinstance(qe, QueryExpansion) else None,
+                "rerank": config.rerank.to_dict() if config.rerank is not None else None},
     )
 
 

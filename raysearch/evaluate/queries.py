@@ -336,13 +336,19 @@ def query_uris(queries: QuerySet, rows: list[int]) -> list[str]:
 def rerank_head(searcher: Searcher, uris: list[str], result: SearchResult, config: RerankConfig,
                 boxes: list | None = None, in_process_limit: int = IN_PROCESS_LIMIT) -> SearchResult:
     """Re-rank the first config.k results of each row of a deep ranking and keep the rest after
-    them (a verified hit only gains, an unverified one keeps its score, so the tail stays below)."""
+    them (a verified hit only gains, an unverified one keeps its score, so the tail stays below;
+    in a row with a verified hit the exclusive rule lowers the tail by the fusion's bonus, as it
+    lowers the head's unverified hits, so that it stays below them too)."""
     k = min(config.k, result.ids.shape[1])
     head, _ = rerank_queries(searcher, uris, truncate(result, k), config, in_process_limit, boxes=boxes)
     n, depth = result.ids.shape
     verified = np.zeros((n, depth), bool)
     inliers = np.zeros((n, depth), np.int32)
     verified[:, :k], inliers[:, :k] = head.verified, head.inliers
-    return SearchResult(np.concatenate([head.scores, result.scores[:, k:]], axis=1),
+    tail = result.scores[:, k:].copy()
+    fusion = config.verify.fusion
+    if fusion.exclusive:
+        tail[head.verified.any(axis=1)] -= np.float32(fusion.bonus)
+    return SearchResult(np.concatenate([head.scores, tail], axis=1),
                         np.concatenate([head.ids, result.ids[:, k:]], axis=1),
                         np.concatenate([head.shard, result.shard[:, k:]], axis=1), verified, inliers)

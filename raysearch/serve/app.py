@@ -32,6 +32,15 @@ def shard_deployment_name(i: int) -> str:
     return f"ShardSearcher-{i:05d}"
 
 
+def rerank_info(config: ServeConfig) -> dict[str, Any]:
+    """The second stage as GET /stats reports it: RerankConfig.to_dict() (method, k, mirror,
+    exclusive) and the LocalVerifier's replicas."""
+    from raysearch.rerank import RerankConfig
+
+    second = RerankConfig(k=config.rerank_k, mirror=config.rerank_mirror)
+    return {**second.to_dict(), "replicas": config.verifier_replicas}
+
+
 def index_info(store: "IndexStore", config: ServeConfig, plan: ResourcePlan) -> dict[str, Any]:
     """What the Ingress needs to know about the index (and reports on GET /stats)."""
     m = store.manifest
@@ -47,8 +56,7 @@ def index_info(store: "IndexStore", config: ServeConfig, plan: ResourcePlan) -> 
         # The service answers without query expansion (see build_app); reported so clients know.
         "query_expansion_applied": False,
         # Image queries' top rerank_k verified with local features (raysearch.rerank), or None.
-        "rerank": {"method": config.rerank, "k": config.rerank_k, "mirror": config.rerank_mirror,
-                   "replicas": config.verifier_replicas} if config.rerank else None,
+        "rerank": rerank_info(config) if config.rerank else None,
         "shards": [{"name": shard_label(s.name), "count": s.ntotal} for s in store.shards],
         "shard_names": [shard_label(s.name) for s in store.shards],
         "replicas": {"ingress": config.replicas, "embedder": config.replicas,

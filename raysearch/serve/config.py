@@ -55,7 +55,9 @@ class ServeConfig:
     # features and geometry in a LocalVerifier deployment after the shard merge.
     rerank: str | None = None
     rerank_k: int = 20
-    rerank_mirror: bool = False
+    # When the query's mirror image is matched too: "off", "fallback" (only for queries none of
+    # whose candidates verified directly) or "always" (raysearch.verify.MIRROR_MODES).
+    rerank_mirror: str = "fallback"
     verifier_replicas: int = 1
     verifier_cpus: float | None = None
 
@@ -80,6 +82,9 @@ class ServeConfig:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.rerank is not None and self.rerank != "local":
             raise ValueError(f"--rerank must be 'local', got {self.rerank!r}")
+        from raysearch.verify.verifier import mirror_mode
+
+        object.__setattr__(self, "rerank_mirror", mirror_mode(self.rerank_mirror, "--rerank-mirror"))
         for name in ("ingress_cpus", "embedder_cpus", "embedder_gpus", "shard_cpus", "verifier_cpus"):
             value = getattr(self, name)
             if value is not None and value < 0:

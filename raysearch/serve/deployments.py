@@ -167,8 +167,9 @@ class ShardSearcher:
 class LocalVerifier:
     """The second stage (raysearch.rerank): verifies a query's merged candidates with local
     features and geometry and re-orders them by fused score, exactly as `raysearch search --rerank
-    local` does. Opens the index's stored local features once (or extracts the candidates' from
-    their images when the index holds none)."""
+    local` does (`config`: RerankConfig's k and mirror choice; the exclusive rule as there). Opens
+    the index's stored local features once (or extracts the candidates' from their images when the
+    index holds none)."""
 
     def __init__(self, index_dir: str, config: dict[str, Any], threads: int, batch_size: int = 8):
         import cv2

@@ -14,7 +14,7 @@ fold the picture (the query's corners land as a non-convex or self-intersecting 
 a corner is sent to infinity), mirror it, or change its area by more than `max_area_change` are
 refused: MAGSAC finds such models on clustered, repetitive matches, and no edit produces them.
 Mirrored copies are found by matching the query's mirror image instead (`Verifier.verify(...,
-mirrored=...)`); OpenCV's USAC refuses orientation-reversing homographies in any case.
+mirror=...)`); OpenCV's USAC refuses orientation-reversing homographies in any case.
 """
 
 from __future__ import annotations

@@ -103,6 +103,39 @@ def test_rerank_options_are_checked_before_any_work(index_dir, queries):
     assert bad.exit_code == 2 and "--rerank must be one of" in bad.output
     too_deep = runner.invoke(cli_app, ["search", index_dir, queries[0], "--rerank", "local", "--rerank-k", "5000"])
     assert too_deep.exit_code == 2 and "--rerank-k must be between 1 and 200" in too_deep.output
+    for command in (["search", index_dir, queries[0]],
+                    ["eval", "copy", index_dir, "--queries", queries[0], "--gt", "gt.csv"]):
+        mirror = runner.invoke(cli_app, [*command, "--rerank", "local", "--rerank-mirror", "sometimes"])
+        assert mirror.exit_code == 2, mirror.output
+        assert "--rerank-mirror must be one of 'off', 'fallback', 'always', got 'sometimes'" in mirror.output
+
+
+@pytest.fixture(scope="module")
+def flipped_queries(tmp_path_factory, photos) -> list[str]:
+    """Left-right mirrored edited copies of two photographs."""
+    folder = tmp_path_factory.mktemp("flipped")
+    out = []
+    for path in _edited_copies(photos, folder, [3, 5]):
+        Image.open(path).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(path, quality=90)
+        out.append(path)
+    return out
+
+
+def test_a_mirrored_copy_verifies_with_the_default_mirror_fallback_and_not_with_it_off(index_dir, flipped_queries):
+    runner = CliRunner()
+    args = ["search", index_dir, *flipped_queries, "-k", "5", "--format", "csv", "--rerank", "local"]
+    default, off = runner.invoke(cli_app, args), runner.invoke(cli_app, [*args, "--rerank-mirror", "off"])
+    assert default.exit_code == 0 and off.exit_code == 0, (default.output, off.output)
+    for text, found in ((default.stdout, True), (off.stdout, False)):
+        rows = _csv(text)
+        for q in flipped_queries:
+            hits = [r for r in rows if r["query"] == q]
+            verified = [h for h in hits if h["verified"] == "1"]
+            if found:
+                assert hits[0]["verified"] == "1" and int(hits[0]["inliers"]) >= 20, hits
+                assert _family(hits[0]["uri"]) == _family(q.replace("copy-of-", "img"))
+            else:
+                assert verified == [], hits
 
 
 def test_eval_copy_rerank_scores_the_order_search_rerank_gives(index_dir, queries, tmp_path):
@@ -123,7 +156,7 @@ def test_eval_copy_rerank_scores_the_order_search_rerank_gives(index_dir, querie
         assert res.exit_code == 0, res.output
         docs[name] = json.loads(res.stdout)
         preds[name] = _csv(pred.read_text())
-    assert docs["rerank"]["config"]["rerank"] == {"method": "local", "k": 10, "mirror": False}
+    assert docs["rerank"]["config"]["rerank"] == {"method": "local", "k": 10, "mirror": "fallback", "exclusive": True}
     assert docs["rerank"]["seconds"]["rerank"] > 0 and "rerank" not in docs["plain"]["seconds"]
     assert docs["rerank"]["recall_at_10"] == 1.0
     assert docs["rerank"]["micro_ap"] >= docs["plain"]["micro_ap"]
@@ -140,6 +173,28 @@ def test_eval_copy_rerank_scores_the_order_search_rerank_gives(index_dir, querie
     for r in preds["plain"]:
         best_plain[r["query_id"]] = max(best_plain.get(r["query_id"], -np.inf), float(r["score"]))
     assert all(best_eval[n] > best_plain[n] for n in names)
+
+
+def test_a_deep_ranking_keeps_its_tail_below_the_verified_head(index_dir, queries):
+    """landmarks / cmc verify the head of a deep ranking (rerank_head): with the exclusive rule the
+    tail of a query with a verified hit drops by the bonus like the head's unverified hits, so
+    every row's scores still decrease along it; without the rule the tail keeps its scores."""
+    from raysearch.evaluate.queries import rerank_head
+    from raysearch.verify import FusionConfig, VerifyConfig
+
+    searcher = Searcher(index_dir)
+    first, problems = searcher.search_images(queries, k=30)
+    assert problems == [None] * len(queries)
+    deep = rerank_head(searcher, queries, first, RerankConfig(k=10))
+    plain = rerank_head(searcher, queries, first, RerankConfig(k=10, verify=VerifyConfig(
+        fusion=FusionConfig(exclusive=False))))
+    bonus = FusionConfig().bonus
+    assert deep.verified[:, :10].any(axis=1).all()                     # every copy verifies in its head
+    np.testing.assert_array_equal(deep.ids, plain.ids)                  # the same order either way
+    np.testing.assert_allclose(deep.scores[:, 10:], first.scores[:, 10:] - bonus, atol=1e-6)
+    np.testing.assert_array_equal(plain.scores[:, 10:], first.scores[:, 10:])
+    for row in deep.scores:
+        assert np.all(np.diff(row) <= 1e-6), row
 
 
 def _free_port() -> int:
@@ -180,7 +235,7 @@ def test_service_with_rerank_answers_what_search_rerank_answers(index_dir, queri
         np.testing.assert_allclose([h["score"] for h in hits], result.scores[q], atol=1e-4)
         assert hits[0]["verified"]
     assert health["verifier"] is True
-    assert stats["rerank"] == {"method": "local", "k": 10, "mirror": False, "replicas": 1}
+    assert stats["rerank"] == {"method": "local", "k": 10, "mirror": "fallback", "exclusive": True, "replicas": 1}
     # A vector carries no image: its hits are the first stage's, without verification fields.
     assert "verified" not in vector["results"][0]
 

@@ -18,6 +18,7 @@ from raysearch.formats.local import (
     write_local_features,
 )
 from raysearch.models.local import (
+    ROOTSIFT_MIRROR,
     ROOTSIFT_SCALE,
     AlikedExtractor,
     LocalFeatures,
@@ -26,6 +27,7 @@ from raysearch.models.local import (
     empty_features,
     extract_mirrored,
     make_extractor,
+    mirror_features,
     quantize_rootsift,
 )
 from raysearch.verify.matching import RatioMatcher
@@ -102,6 +104,54 @@ def test_mirrored_features_are_those_of_the_mirror_image(photos, sift):
     got = extract_mirrored(sift, img)
     want = sift.extract(np.ascontiguousarray(img[:, ::-1]))
     assert got.equals(want) and got.image_size == img.shape[:2]
+
+
+MIRROR_PHOTOS = ["astronaut", "camera", "chelsea", "coffee", "rocket", "motorcycle", "brick", "text"]
+
+
+@pytest.mark.parametrize("name", MIRROR_PHOTOS)
+def test_permuted_rootsift_is_the_mirror_images_own(photos, sift, name):
+    """mirror_features (no extraction) against SIFT extracted from the mirror image: each virtual
+    keypoint is paired with the nearest re-extracted one (within 1.5 working pixels). Measured on
+    these photographs: mean cosine 0.895-0.956 over all pairs (0.73-0.80 unpermuted) and
+    0.998-1.000 over pairs whose orientations also agree (0.71-0.79 unpermuted)."""
+    img = photos[name]
+    features = sift.extract(img)
+    virtual, extracted = mirror_features(features), extract_mirrored(sift, img)
+    assert virtual.image_size == extracted.image_size == img.shape[:2] and len(virtual) == len(features)
+    np.testing.assert_array_equal(virtual.scales, features.scales)
+    np.testing.assert_array_equal(virtual.scores, features.scores)
+    tolerance = 1.5 * max(img.shape[:2]) / sift.max_side
+    d = np.linalg.norm(virtual.keypoints[:, None] - extracted.keypoints[None], axis=2)
+    nearest = d.argmin(axis=1)
+    paired = np.flatnonzero(d[np.arange(len(d)), nearest] < tolerance)
+    assert len(paired) >= 0.8 * len(virtual), (len(paired), len(virtual))   # the same keypoints, mirrored
+    j = nearest[paired]
+    turn = np.abs((virtual.angles[paired] - extracted.angles[j] + 180.0) % 360.0 - 180.0)
+    same = turn < 10.0
+    assert same.mean() >= 0.6, same.mean()                   # angles a -> 180 - a
+    a, b = dequantize_rootsift(virtual.descriptors[paired]), dequantize_rootsift(extracted.descriptors[j])
+    unpermuted = dequantize_rootsift(features.descriptors[paired])
+    cosine, plain = (a * b).sum(axis=1), (unpermuted * b).sum(axis=1)
+    assert cosine.mean() > 0.87 and cosine.mean() > plain.mean() + 0.1, (cosine.mean(), plain.mean())
+    assert cosine[same].mean() > 0.99 and plain[same].mean() < 0.9, (cosine[same].mean(), plain[same].mean())
+
+
+def test_mirroring_twice_gives_the_features_back_and_other_kinds_are_refused(photos, sift):
+    f = sift.extract(photos["coffee"])
+    np.testing.assert_array_equal(np.sort(ROOTSIFT_MIRROR), np.arange(128))   # a permutation ...
+    np.testing.assert_array_equal(ROOTSIFT_MIRROR[ROOTSIFT_MIRROR], np.arange(128))   # ... its own inverse
+    back = mirror_features(mirror_features(f))
+    np.testing.assert_array_equal(back.descriptors, f.descriptors)
+    np.testing.assert_allclose(back.keypoints, f.keypoints, atol=1e-3)
+    assert np.all((back.angles >= 0) & (back.angles < 360))
+    turn = np.abs((back.angles - f.angles + 180.0) % 360.0 - 180.0)
+    assert turn.max() <= 0.25, turn.max()                    # float16 steps of the stored form
+    assert mirror_features(empty_features((30, 40), "rootsift", 128)).image_size == (30, 40)
+    z = np.zeros(1, np.float32)
+    aliked = LocalFeatures(np.zeros((1, 2), np.float32), z, z, z, np.zeros((1, 128), np.float16), (5, 5), "aliked")
+    with pytest.raises(ValueError, match="only RootSIFT features can be mirrored without extraction, got 'aliked'"):
+        mirror_features(aliked)
 
 
 def test_bad_settings_and_names_are_refused():

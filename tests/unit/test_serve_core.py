@@ -185,6 +185,16 @@ def test_serve_config_checks_and_args(monkeypatch):
     assert "from-env" not in repr(cfg)  # the key never shows in logs of the config
 
 
+def test_serve_config_rerank_mirror_is_a_checked_choice():
+    assert ServeConfig("idx", rerank="local").rerank_mirror == "fallback"
+    assert ServeConfig("idx", rerank="local", rerank_mirror="always").rerank_mirror == "always"
+    # A config file's `rerank_mirror: off` reaches us as False (YAML), the former switch as a bool.
+    assert ServeConfig.from_args({"index_dir": "idx", "rerank_mirror": False}).rerank_mirror == "off"
+    assert ServeConfig.from_args({"index_dir": "idx", "rerank_mirror": True}).rerank_mirror == "always"
+    with pytest.raises(ValueError, match="--rerank-mirror must be one of 'off', 'fallback', 'always', got 'both'"):
+        ServeConfig("idx", rerank="local", rerank_mirror="both")
+
+
 def test_shard_label():
     assert shard_label("shards/shard-00001.index") == "shard-00001"
 

@@ -11,11 +11,14 @@ from raysearch.models.local import LocalFeatures, SiftExtractor, extract_mirrore
 from raysearch.verify import (
     FusionConfig,
     GeometryConfig,
+    RatioMatcher,
     Verifier,
     VerifyConfig,
     evidence_bonus,
+    exclusive_scores,
     fuse_scores,
     geometric_evidence,
+    mirror_mode,
     ratio_matches,
     verify_geometry,
 )
@@ -60,24 +63,132 @@ def test_a_verified_copy_ranks_above_an_unverified_look_alike(photos, sift):
     result = Verifier().verify(query, candidates, global_scores)
     assert result.verified.tolist() == [False, True]
     assert result.order().tolist() == [1, 0]
-    assert result.scores[0] == pytest.approx(0.92, abs=0.01)     # next to no evidence: about its global score
-    assert result.scores[1] > 1.5
+    assert result.fused[0] == pytest.approx(0.92, abs=0.01)      # next to no evidence: about its global score
+    assert result.fused[1] > 1.5 and result.scores[1] == result.fused[1]
+    # The exclusive rule: the query's copy is found, so the look-alike drops by the fusion's bonus.
+    assert result.scores[0] == pytest.approx(result.fused[0] - FusionConfig().bonus)
 
 
-def test_a_mirrored_copy_verifies_once_the_querys_mirror_is_matched_too(photos, sift):
+def test_a_mirrored_copy_verifies_under_fallback_but_not_with_the_mirror_off(photos, sift):
     img = photos["chelsea"]
     flipped = np.ascontiguousarray(img[:, ::-1])
     ref, other = sift.extract(img), sift.extract(photos["coffee"])
+    query = sift.extract(flipped)
     verifier = Verifier()
-    plain = verifier.verify(sift.extract(flipped), [ref, other], [0.5, 0.5])
-    both = verifier.verify(sift.extract(flipped), [ref, other], [0.5, 0.5], mirrored=extract_mirrored(sift, flipped))
-    assert plain.n_inliers[0] <= 8 and both.n_inliers[0] >= 60, (plain.n_inliers, both.n_inliers)
-    assert both.mirrored.tolist() == [True, False] and both.n_inliers[1] <= 8
+    off = verifier.verify(query, [ref, other], [0.5, 0.5], mirror="off")
+    fallback = verifier.verify(query, [ref, other], [0.5, 0.5])        # the default; RootSIFT mirrored by permutation
+    extracted = verifier.verify(query, [ref, other], [0.5, 0.5], mirrored=extract_mirrored(sift, flipped),
+                                mirror="always")
+    assert off.n_inliers[0] <= 8 and not off.verified.any() and not off.mirror_matched
+    assert not off.mirrored.any()
+    assert fallback.mirror_matched and fallback.verified.tolist() == [True, False]
+    assert fallback.n_inliers[0] >= 60 and fallback.n_inliers[1] <= 8, fallback.n_inliers
+    assert fallback.mirrored.tolist() == [True, False]
+    # The permuted mirror verifies about as well as the mirror image's own features.
+    assert extracted.mirrored.tolist() == [True, False]
+    assert fallback.n_inliers[0] >= 0.7 * extracted.n_inliers[0], (fallback.n_inliers, extracted.n_inliers)
     # The reported mapping is from the query's own pixels: the flip, x -> w - 1 - x.
     h, w = img.shape[:2]
     pts = np.array([[[10.0, 20.0], [300.0, 200.0]]])
-    np.testing.assert_allclose(cv2.perspectiveTransform(pts, both.geometries[0].matrix)[0],
-                               [[w - 1 - 10.0, 20.0], [w - 1 - 300.0, 200.0]], atol=2.0)
+    for result in (fallback, extracted):
+        np.testing.assert_allclose(cv2.perspectiveTransform(pts, result.geometries[0].matrix)[0],
+                                   [[w - 1 - 10.0, 20.0], [w - 1 - 300.0, 200.0]], atol=2.0)
+
+
+class CountingMatcher:
+    """A RatioMatcher that counts the query sides it is asked to match."""
+
+    kind = "rootsift"
+
+    def __init__(self):
+        self.inner = RatioMatcher()
+        self.sides = 0
+
+    def match_many(self, query, candidates):
+        self.sides += 1
+        return self.inner.match_many(query, candidates)
+
+
+def test_fallback_matches_the_mirror_only_when_nothing_verified_directly(photos, sift):
+    img = photos["coffee"]
+    query = sift.extract(_warped(img))                       # a copy of coffee, not flipped
+    candidates = [sift.extract(photos["rocket"]), sift.extract(img)]
+
+    def never() -> LocalFeatures:
+        raise AssertionError("the mirror's features were made though no mirror side was matched")
+
+    counting = CountingMatcher()
+    found = Verifier(matcher=counting).verify(query, candidates, [0.6, 0.5], mirrored=never, mirror="fallback")
+    assert found.verified.tolist() == [False, True]
+    assert counting.sides == 1 and not found.mirror_matched and not found.mirrored.any()
+    # Nothing verifies directly (the copy is not among the candidates): the mirror side is matched.
+    counting.sides = 0
+    missed = Verifier(matcher=counting).verify(query, candidates[:1], [0.6], mirror="fallback")
+    assert counting.sides == 2 and missed.mirror_matched and not missed.verified.any()
+    # "always" matches it whatever the direct side found; a candidate keeps its better side.
+    counting.sides = 0
+    always = Verifier(matcher=counting).verify(query, candidates, [0.6, 0.5], mirror="always")
+    assert counting.sides == 2 and always.mirror_matched
+    assert always.n_inliers[1] == found.n_inliers[1] and not always.mirrored[1]
+
+
+def test_mirror_choices_are_checked(photos, sift):
+    assert [mirror_mode(m) for m in ("off", "fallback", "always", False, True)] == \
+        ["off", "fallback", "always", "off", "always"]
+    query = sift.extract(photos["camera"])
+    with pytest.raises(ValueError, match="mirror must be one of 'off', 'fallback', 'always', got 'sometimes'"):
+        Verifier().verify(query, [query], [0.5], mirror="sometimes")
+    z = np.zeros(1, np.float32)
+    aliked = LocalFeatures(np.zeros((1, 2), np.float32), z, z, z, np.zeros((1, 128), np.float16), (5, 5), "aliked")
+    with pytest.raises(ValueError, match="needs the mirror image's features for aliked queries"):
+        Verifier().verify(aliked, [aliked], [0.5], mirror="fallback")
+    with pytest.raises(ValueError, match="mirrored features must be of the query's kind and image size"):
+        Verifier().verify(query, [query], [0.5], mirrored=sift.extract(photos["coffee"]), mirror="always")
+
+
+def test_the_exclusive_rule_keeps_each_querys_order_and_ranks_explained_leftovers_below_open_queries(photos, sift):
+    """Query A's copy is among its candidates and verifies; query B's is not (or did not verify).
+    A's unverified candidates, globally closer than B's, drop below them in the pooled ranking,
+    and each query's own order stays what the fused scores give."""
+    names = ["rocket", "camera", "brick", "coffee", "motorcycle"]
+    refs = {n: sift.extract(photos[n]) for n in names}
+    query_a = sift.extract(_warped(photos["coffee"]))
+    query_b = sift.extract(_warped(photos["astronaut"]))      # its photograph is not a candidate
+    a_scores = np.float32([0.95, 0.9, 0.85, 0.6, 0.8])          # A's leftovers look closer than B's
+    b_scores = np.float32([0.7, 0.65, 0.6, 0.55, 0.5])
+    a_candidates = [refs[n] for n in names]
+    b_candidates = [refs[n] for n in names]
+    exclusive, plain = Verifier(), Verifier(VerifyConfig(fusion=FusionConfig(exclusive=False)))
+    a, a_plain = exclusive.verify(query_a, a_candidates, a_scores), plain.verify(query_a, a_candidates, a_scores)
+    b, b_plain = exclusive.verify(query_b, b_candidates, b_scores), plain.verify(query_b, b_candidates, b_scores)
+    assert a.verified.tolist() == [False, False, False, True, False] and not b.verified.any()
+    # Each query's own order is unchanged by the rule.
+    assert a.order().tolist() == a_plain.order().tolist() and a.order()[0] == 3
+    assert b.order().tolist() == b_plain.order().tolist()
+    np.testing.assert_array_equal(a.fused, a_plain.scores)
+    np.testing.assert_array_equal(b.scores, b_plain.scores)   # nothing verified: nothing moves
+    leftovers = a.scores[~a.verified]
+    # Without the rule A's leftovers outrank B's candidates in a pooled ranking; with it, below all.
+    assert a_plain.scores[~a.verified].max() > b_plain.scores.min()
+    assert leftovers.max() < b.scores.min()
+    np.testing.assert_allclose(leftovers, a.fused[~a.verified] - FusionConfig().bonus, rtol=0, atol=1e-6)
+    assert a.scores[3] == a.fused[3] > b.scores.max()
+
+
+def test_exclusive_scores_lower_only_unverified_scores_below_every_verified_one():
+    fused = np.float32([1.8, 0.9, 1.2, 0.4, np.nan])
+    verified = np.array([True, False, True, False, False])
+    np.testing.assert_allclose(exclusive_scores(fused, verified), [1.8, -0.1, 1.2, -0.6, np.nan], atol=1e-6)
+    # An unverified score above a verified one stays (the query's order is kept).
+    np.testing.assert_array_equal(exclusive_scores(np.float32([0.95, 0.6]), np.array([False, True])),
+                                  np.float32([0.95, 0.6]))
+    np.testing.assert_array_equal(exclusive_scores(fused, np.zeros(5, bool)), fused)          # none verified
+    off = FusionConfig(exclusive=False)
+    np.testing.assert_array_equal(exclusive_scores(fused, verified, off), fused)
+    np.testing.assert_allclose(exclusive_scores(fused, verified, FusionConfig(bonus=0.5))[[1, 3]], [0.4, -0.1],
+                               atol=1e-6)
+    with pytest.raises(ValueError, match="exclusive must be True or False, got 'yes'"):
+        FusionConfig(exclusive="yes")
 
 
 def test_stored_candidates_verify_exactly_like_fresh_ones(tmp_path, photos, sift):
@@ -95,9 +206,14 @@ def test_stored_candidates_verify_exactly_like_fresh_ones(tmp_path, photos, sift
 
 def test_candidates_without_features_keep_their_global_score(photos, sift):
     query = sift.extract(photos["camera"])
-    result = Verifier().verify(query, [None, sift.extract(photos["camera"]), None], [0.7, 0.5, 0.3])
+    candidates = [None, sift.extract(photos["camera"]), None]
+    result = Verifier().verify(query, candidates, [0.7, 0.5, 0.3])
     assert result.n_inliers.tolist()[0::2] == [0, 0] and result.n_inliers[1] > 100
-    np.testing.assert_array_equal(result.scores[0::2], np.float32([0.7, 0.3]))
+    np.testing.assert_array_equal(result.fused[0::2], np.float32([0.7, 0.3]))
+    # Unverified like any other: the exclusive rule lowers them once a candidate verified.
+    np.testing.assert_allclose(result.scores[0::2], [-0.3, -0.7], atol=1e-6)
+    plain = Verifier(VerifyConfig(fusion=FusionConfig(exclusive=False))).verify(query, candidates, [0.7, 0.5, 0.3])
+    np.testing.assert_array_equal(plain.scores[0::2], np.float32([0.7, 0.3]))
     with pytest.raises(ValueError, match="3 candidates but 2 global scores"):
         Verifier().verify(query, [None, None, None], [0.1, 0.2])
 
