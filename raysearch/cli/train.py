@@ -68,6 +68,7 @@ def train_cmd(
     workers: Annotated[int, typer.Option(help="Ray Train workers (DDP); one GPU each when training on GPUs.")] = 1,
     gpu: Annotated[Optional[bool], typer.Option("--gpu/--no-gpu", help="Train on GPUs (default: when the cluster has them).")] = None,
     cpus_per_worker: Annotated[Optional[float], typer.Option(help="CPUs reserved per worker (default: 1 on CPU, 4 with a GPU).")] = None,
+    threads: Annotated[Optional[int], typer.Option(help="Torch threads per worker (default: on CPUs, the node's cores shared by its workers; with a GPU, torch's default).")] = None,
     checkpoint_every: Annotated[int, typer.Option(help="Steps between checkpoints (0: at the end of each epoch).")] = 0,
     precision: Annotated[str, typer.Option(help="auto (bf16 autocast on GPU, fp32 on CPU), fp32 or bf16.")] = "auto",
     max_failures: Annotated[int, typer.Option(help="Worker failures Ray Train recovers from (restarting from the last checkpoint).")] = 1,
@@ -93,7 +94,7 @@ def train_cmd(
         mix_alpha=mix_alpha, **({"edits": edit_names} if edit_names else {}),
         edits_per_view=parse_pair(edits_per_view, "--edits-per-view", int),
         crop_scale=parse_pair(crop_scale, "--crop-scale", float), max_time=parse_duration(max_time), seed=seed,
-        workers=workers, use_gpu=gpu, cpus_per_worker=cpus_per_worker, checkpoint_every=checkpoint_every,
+        workers=workers, use_gpu=gpu, cpus_per_worker=cpus_per_worker, threads=threads, checkpoint_every=checkpoint_every,
         precision=precision, max_failures=max_failures,
     )
     ensure_ray(address)

@@ -25,7 +25,7 @@ DEFAULT_MIX_PROB = 0.05
 
 # Settings that may differ when a run is resumed: they change how long or where it runs, not what
 # it learns.
-RESUMABLE_CHANGES: frozenset[str] = frozenset({"max_time", "workers", "use_gpu", "cpus_per_worker", "max_failures"})
+RESUMABLE_CHANGES: frozenset[str] = frozenset({"max_time", "workers", "use_gpu", "cpus_per_worker", "threads", "max_failures"})
 
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*(h|m|s)")
 
@@ -86,6 +86,7 @@ class TrainConfig:
     workers: int = 1
     use_gpu: bool | None = None            # None: when the cluster has GPUs
     cpus_per_worker: float | None = None   # None: 1 (CPU training) or 4 (GPU training)
+    threads: int | None = None             # torch threads per worker (None: see worker_threads)
     checkpoint_every: int = 0              # steps between checkpoints; 0: at the end of each epoch
     shuffle_buffer: int | None = None      # images in each worker's shuffle buffer (None: 4 batches)
     precision: str = "auto"                # auto: bf16 autocast on GPU, fp32 on CPU
@@ -140,6 +141,8 @@ class TrainConfig:
             raise ValueError(f"--max-time must be positive, got {self.max_time}")
         if self.cpus_per_worker is not None and self.cpus_per_worker <= 0:
             raise ValueError(f"--cpus-per-worker must be > 0, got {self.cpus_per_worker}")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {self.threads}")
         if self.checkpoint_every < 0:
             raise ValueError(f"--checkpoint-every must be >= 0, got {self.checkpoint_every}")
         if self.shuffle_buffer is not None and self.shuffle_buffer < 0:
@@ -184,6 +187,18 @@ class TrainConfig:
         if str(self.train_blocks).lower() == "auto":
             return "all" if use_gpu else "4"
         return str(self.train_blocks).lower()
+
+    def worker_threads(self, use_gpu: bool, node_cpus: int, workers_on_node: int) -> int | None:
+        """Torch threads for one worker: --threads when given; on a GPU, torch's default (None);
+        on CPUs, the node's cores shared by the workers on it. Ray reserves --cpus-per-worker (1)
+        for scheduling, which leaves a core to the decode tasks, and would otherwise cap torch at
+        that one thread: on 2 cores one worker then trained at about half the rate it reaches
+        with both (benchmarks/RESULTS.md, "Training a copy descriptor")."""
+        if self.threads is not None:
+            return self.threads
+        if use_gpu:
+            return None
+        return max(1, node_cpus // max(1, workers_on_node))
 
     def view_config(self, input_size: int) -> ViewConfig:
         mixup, cutmix = self.mix_probs()

@@ -206,6 +206,17 @@ def _parameter_fingerprint(params: list[torch.nn.Parameter]) -> list[float]:
         return [v for p in params for v in (float(p.double().sum()), float(p.double().abs().sum()))]
 
 
+def _node_cpus() -> int:
+    """The CPUs Ray counts on this worker's node (cgroup limits included), or the process's."""
+    import ray
+
+    node_id = ray.get_runtime_context().get_node_id()
+    for node in ray.nodes():
+        if node.get("NodeID") == node_id:
+            return max(1, int(node.get("Resources", {}).get("CPU", 0)) or 1)
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def train_loop_per_worker(loop_config: dict) -> None:
     """The Ray Train worker function; loop_config = {"loop": LoopSettings}."""
     import ray.train
@@ -219,6 +230,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
     views = cfg.view_config(s.input_size)
+    threads = cfg.worker_threads(s.use_gpu, _node_cpus(), ctx.get_local_world_size())
+    if threads:
+        torch.set_num_threads(threads)
 
     torch.manual_seed(cfg.seed)  # the same projection initialisation on every worker
     net = build_descriptor_net(s.init, cfg.dim, cfg.gem_p, s.train_blocks)
