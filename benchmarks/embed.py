@@ -15,18 +15,23 @@ within each repeat (baseline and candidates alternate), medians:
                the baseline of the earlier RESULTS.md figures
   decode       raysearch's read + decode + resize alone, one process: images/s and CPU ms/image
   model        the model alone on pre-decoded pixels with raysearch's fast settings (the ceiling):
-               the best of one process with --threads threads and --threads processes of one
-               thread each (started together, timed together)
-  pipeline     `embed_source` with Ray already running (probe, actor start and model load included)
+               one process with --threads threads and --threads processes of one thread each
+               (started together, timed together), at each of --model-batch-sizes images per
+               forward pass; the ceiling is the best of them
+  pipeline     `embed_source` with Ray already running ("warm"): the stage-cost probe, the actors'
+               start and model load and the last part's write are inside the timed window
+  steady       the pipeline's rate with those fixed costs cancelled: (n - n/4) / (t(n) - t(n/4)),
+               from a run on the set's first quarter and the same repeat's `pipeline` run
   cold         `embed_source` in a fresh process, `ray.init` included (a first `raysearch build`)
-  before       `embed_source` with RAYSEARCH_EMBED_FAST=0's settings: the pipeline before this
-               change (fixed stage sizing, no batch-norm folding), Ray running
+  before       `embed_source` with RAYSEARCH_EMBED_FAST=0's settings: the pipeline before the fast
+               settings (fixed stage sizing, no batch-norm folding, batch 32), Ray running
 Also: the pipeline's vectors against the float32 NCHW reference (min cosine), and the machine's
 1-minute load average during each measurement (the machine may be shared).
 
 Usage:
-  python benchmarks/embed.py [--small 1000] [--large 300] [--repeats 3] [--threads 2] [--batch-size 32]
-         [--variants plain,plain_draft,decode,model,pipeline,cold,before] [--workdir DIR] [--json OUT]
+  python benchmarks/embed.py [--small 2000] [--large 300] [--repeats 3] [--threads 2] [--batch-size N]
+         [--plain-seconds 60] [--variants plain,plain_draft,decode,model,pipeline,steady,cold,before]
+         [--workdir DIR] [--json OUT]
   python benchmarks/embed.py --save-photos DIR [--count 16]   # a few photographs to carry elsewhere
 """
 
@@ -52,7 +57,8 @@ sys.path.insert(0, HERE)
 
 # Dense bf16 tensor-core peaks in TFLOP/s (vendors' data sheets, no sparsity), by name part.
 BF16_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0}
-VARIANTS = ("plain", "plain_draft", "decode", "model", "pipeline", "cold", "before")
+VARIANTS = ("plain", "plain_draft", "decode", "model", "pipeline", "steady", "cold", "before")
+CPU_MODEL_BATCHES = (2, 4, 8, 16, 32)   # the model-only sweep on CPUs: the ceiling is its best
 LARGE_SIZE = (4000, 3000)
 GRAIN_SIGMA = 4.0
 
@@ -218,6 +224,7 @@ def _model_child(pixels_path: str, threads: int, batch_sizes: list[int], device:
     base = np.load(pixels_path)
     embedder = Embedder(resolve_model(ModelConfig()).to_dict(), device=device, fast=fast)
     for batch_size in batch_sizes:
+        embedder.forward_batch = batch_size   # one forward pass of exactly this many images
         pixels = np.concatenate([base] * max(1, -(-batch_size // len(base))))[:batch_size]
         embedder.embed_pixels(pixels)
         embedder.embed_pixels(pixels)
@@ -387,17 +394,17 @@ def bf16_recall(paths: list[str], n_queries: int, device: str, batch_size: int =
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--small", type=int, default=1000, help="small photographs (0 to skip the set)")
+    ap.add_argument("--small", type=int, default=2000, help="small photographs (0 to skip the set)")
     ap.add_argument("--large", type=int, default=300, help="12 MP photographs (0 to skip the set)")
     ap.add_argument("--plain-seconds", type=float, default=0.0,
                     help="stop the plain loops and decode-only after this long (0: all images); rates are over the images done")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--batch-size", type=int, default=None,
-                    help="images per forward pass (default: raysearch's, 32 on CPU; the plain loop uses 32)")
+                    help="images per forward pass (default: raysearch's, 4 on CPU; the plain loop uses 32)")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 2, help="torch threads (plain) = CPUs given to Ray")
     ap.add_argument("--device", default="cpu", help="cpu or cuda: where the plain loops and the model-only runs embed")
     ap.add_argument("--model-batch-sizes", default=None,
-                    help="comma-separated batch sizes for the model-only runs (default: the pipeline's)")
+                    help="comma-separated batch sizes for the model-only runs (default: 2,4,8,16,32 on CPU, the pipeline's on GPU)")
     ap.add_argument("--seconds", type=float, default=8.0, help="length of each model-only run")
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--photos", default=None, help="folder of photographs to cut from (default: photos.py's train group)")
@@ -421,6 +428,8 @@ def main() -> None:
     unknown = set(variants) - set(VARIANTS)
     if unknown:
         raise SystemExit(f"error: unknown variants {sorted(unknown)}; choose from {VARIANTS}")
+    if "steady" in variants and "pipeline" not in variants:
+        raise SystemExit("error: --variants steady needs pipeline too (its rate is the difference of the two runs)")
 
     from raysearch.embed import CPU_BATCH_SIZE, gpu_batch_size
     from raysearch.runtime import ensure_ray
@@ -444,14 +453,18 @@ def main() -> None:
                            "command": " ".join(sys.argv), **res}, f, indent=2)
         return
     sets = {k: make_set(os.path.join(work, k), k, n, args.photos) for k, n in (("small", args.small), ("large", args.large)) if n}
-    lists = {}   # the pipeline's SOURCE: a list file of exactly the set's images
+    lists, quarters = {}, {}   # the pipeline's SOURCEs: list files of the set, and of its first quarter
     for kind, paths in sets.items():
-        lists[kind] = os.path.join(work, f"{kind}-{len(paths)}.txt")
-        with open(lists[kind], "w") as f:
-            f.write("\n".join(paths) + "\n")
+        for out, chosen in ((lists, paths), (quarters, paths[:max(1, len(paths) // 4)])):
+            out[kind] = os.path.join(work, f"{kind}-{len(chosen)}.txt")
+            with open(out[kind], "w") as f:
+                f.write("\n".join(chosen) + "\n")
     on_gpu = args.device.startswith("cuda")
     pipe_batch = args.batch_size or (gpu_batch_size(224) if on_gpu else CPU_BATCH_SIZE)
-    model_batches = [int(b) for b in args.model_batch_sizes.split(",")] if args.model_batch_sizes else [pipe_batch]
+    if args.model_batch_sizes:
+        model_batches = [int(b) for b in args.model_batch_sizes.split(",")]
+    else:
+        model_batches = [pipe_batch] if on_gpu else sorted(set(CPU_MODEL_BATCHES) | {pipe_batch})
     pixels_path = os.path.join(work, "pixels.npy")
     first = next(iter(sets.values()))
     np.save(pixels_path, np.stack([_raysearch_pixels(p, 224, "squash") for p in first[:64]]))
@@ -517,6 +530,10 @@ def main() -> None:
                     record(kind, v, pipeline(folder, out, args.batch_size, fast=v == "pipeline"))
                     if v == "pipeline" and kind in references:
                         cosines[kind].append(min_cosine_to(references[kind], out))
+                elif v == "steady":
+                    # The first quarter; its rate is combined with this repeat's pipeline run below.
+                    out = os.path.join(work, f"emb-{kind}-quarter")
+                    record(kind, "quarter", pipeline(quarters[kind], out, args.batch_size, fast=True))
                 elif v == "cold":
                     record(kind, v, cold(folder, os.path.join(work, f"emb-{kind}-cold"), args.batch_size, args.threads))
 
@@ -525,8 +542,8 @@ def main() -> None:
     print(f"\nmedians of {args.repeats} (1-minute load average during the runs: median {summary['load_median']:.1f}, "
           f"max {summary['load_max']:.1f}, on {os.cpu_count()} CPUs)")
     model_rates = {name: statistics.median(x["rate"] for x in rs) for name, rs in runs["model"].items()}
-    fast_rates = [v for k, v in model_rates.items() if "float32" not in k]
-    ceiling = max(fast_rates) if fast_rates else None
+    fast_rates = {k: v for k, v in model_rates.items() if "float32" not in k}
+    ceiling = max(fast_rates.values()) if fast_rates else None
     flops = flops_per_image() if on_gpu and model_rates else None
     peak = bf16_peak(machine) if on_gpu else None
     for name, rate in model_rates.items():
@@ -534,22 +551,36 @@ def main() -> None:
         if flops:
             extra = f"  {rate * flops / 1e12:.1f} TFLOP/s" + (f" = {rate * flops / peak:.1%} of the bf16 peak" if peak else "")
         print(f"  model only {name:28s} {rate:8.1f} img/s{extra}")
+    if ceiling:
+        print(f"  the ceiling: {max(fast_rates, key=fast_rates.get)}, {ceiling:.1f} img/s")
     if flops:
         summary["flops_per_image"] = flops
         summary["bf16_peak_flops"] = peak
     for kind in sets:
-        med = {name: statistics.median(x["rate"] for x in rs) for name, rs in runs[kind].items()}
+        full, quarter = runs[kind].get("pipeline", []), runs[kind].pop("quarter", [])
+        if full and quarter:
+            # Fixed costs (probe, actor start, model load, the last write) are in both runs: the
+            # difference of the two is the images/s of the pipeline once running.
+            # A repeat where the quarter took as long as the whole (a disturbed machine) gives none.
+            runs[kind]["steady"] = [
+                {"n": a["n"] - b["n"], "seconds": a["seconds"] - b["seconds"], "load": max(a["load"], b["load"]),
+                 "rate": (a["n"] - b["n"]) / (a["seconds"] - b["seconds"]),
+                 "fixed_seconds": a["seconds"] - a["n"] * (a["seconds"] - b["seconds"]) / (a["n"] - b["n"])}
+                for a, b in zip(full, quarter) if a["n"] > b["n"] and a["seconds"] > b["seconds"]]
+        med = {name: statistics.median(x["rate"] for x in rs) for name, rs in runs[kind].items() if rs}
         print(f"{kind}:")
         for name, rate in med.items():
             ratios = []
             for base in ("plain", "plain_draft"):
                 if base in med and name != base:
                     ratios.append(f"{rate / med[base]:.2f}x {base}")
-            if ceiling and name in ("pipeline", "cold", "before"):
+            if ceiling and name in ("pipeline", "steady", "cold", "before"):
                 ratios.append(f"{rate / ceiling:.2f}x model-only")
             extra = ""
             if name == "decode":
                 extra = f"  ({statistics.median(x['cpu_ms_per_image'] for x in runs[kind][name]):.1f} CPU ms/image)"
+            if name == "steady":
+                extra = f"  (fixed costs {statistics.median(x['fixed_seconds'] for x in runs[kind][name]):.1f} s a run)"
             print(f"  {name:12s} {rate:8.1f} img/s  {', '.join(ratios)}{extra}")
         if cosines[kind]:
             print(f"  pipeline vs float32 NCHW reference: min cosine {min(cosines[kind]):.7f}")

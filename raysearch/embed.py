@@ -2,10 +2,10 @@
 
 It writes an embeddings folder (`raysearch.formats.embeddings`: by default INDEX_DIR/embeddings),
 as a resumable run folder (`raysearch.formats.runs`). Each stage is a plain function or class usable
-without Ray (`load_and_decode`, `EmbedStage`, `write_parts`); `embed_source` wires them into a
-streaming Ray Data pipeline. Parts are written atomically and named by their content, so a killed
-run leaves only whole parts, and a rerun with the same arguments embeds only the rows no part holds
-yet.
+without Ray (`load_and_decode`, `EmbedStage`, `write_parts` and its actor class `PartWriter`);
+`embed_source` wires them into a streaming Ray Data pipeline. Parts are written atomically and named
+by their content, so a killed run leaves only whole parts, and a rerun with the same arguments
+embeds only the rows no part holds yet.
 """
 
 from __future__ import annotations
@@ -38,8 +38,10 @@ from raysearch.formats.local import BATCH_PREFIX as LOCAL_BATCH_PREFIX
 from raysearch.formats.local import LOCAL_PARTS, batch_columns, write_local_part
 from raysearch.formats.runs import RunFolder, check_error_rate
 from raysearch.images import DecodeError, decode_image, resize_image
-from raysearch.models.embedder import Embedder, fast_default
-from raysearch.models.registry import ModelConfig, ModelSpec, resolve_model
+from raysearch.models.embedder import CPU_FORWARD_BATCH, Embedder, fast_default
+# The spec, not the registry: the registry imports torch, which decode and write tasks never need
+# (importing it costs each of their worker processes ~1.7 s of CPU).
+from raysearch.models.spec import ModelConfig, ModelSpec
 from raysearch.progress import Progress
 from raysearch.runtime import (
     ActorResources,
@@ -61,7 +63,7 @@ class EmbedConfig:
     """How to run the embedding stage. None means "chosen from the cluster's resources"."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
-    batch_size: int | None = None   # images per forward pass (default: 32 on CPU, sized to the GPU)
+    batch_size: int | None = None   # images per forward pass (default: 4 on CPU, sized to the GPU)
     concurrency: int | None = None  # Embedder actors (default: one per GPU; on CPU, from measured costs)
     gpus_per_actor: float | None = None
     torch_threads: int | None = None
@@ -231,8 +233,8 @@ class EmbedStage:
     vector and are dropped by the writer."""
 
     def __init__(self, spec: dict, device: str | None = None, torch_threads: int | None = None,
-                 fast: bool | None = None):
-        self.embedder = Embedder(spec, device, torch_threads, fast=fast)
+                 fast: bool | None = None, forward_batch: int | None = None):
+        self.embedder = Embedder(spec, device, torch_threads, fast=fast, forward_batch=forward_batch)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         emb, errors = self.embedder.embed_rows(batch["pixels"], batch["error"])
@@ -280,6 +282,23 @@ def write_parts(batch: dict[str, np.ndarray], embeddings_dir: str, local_kind: s
     return node_counts(batch, ok)
 
 
+class PartWriter:
+    """Ray Data stage: `write_parts` as a callable class, run by a pool of one actor that starts
+    with the pipeline and writes every part.
+
+    As tasks, on 2 cores each part's write found no idle worker left (Ray ends idle workers it does
+    not need within seconds) and started a fresh process: 2.5 CPU-seconds to import Ray, Ray Data
+    and pyarrow anew, per part; a run of fewer than `part_rows` images started it only after its
+    last image was embedded. The actor's own start costs about as much once per run (600-2000
+    images measured alike within 5%), so longer runs save one process start per part."""
+
+    def __init__(self, embeddings_dir: str, local_kind: str | None = None, local_dim: int = 0):
+        self.embeddings_dir, self.local_kind, self.local_dim = embeddings_dir, local_kind, local_dim
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return write_parts(batch, self.embeddings_dir, self.local_kind, self.local_dim)
+
+
 def node_counts(batch: dict[str, np.ndarray], ok: np.ndarray) -> dict[str, np.ndarray]:
     """Embedded and failed images per (decode node, embed node) pair of a batch."""
     n = len(ok)
@@ -315,7 +334,10 @@ def add_node_counts(totals: dict[str, dict[str, int]], batch: dict[str, np.ndarr
 # Sizing the stages: decode tasks and model actors share the CPUs in proportion to their costs
 # ---------------------------------------------------------------------------------------------
 
-CPU_BATCH_SIZE = 32
+# Images per forward pass on CPUs: the Embedder's measured best (`CPU_FORWARD_BATCH`); the
+# settings from before (RAYSEARCH_EMBED_FAST=0) used 32.
+CPU_BATCH_SIZE = CPU_FORWARD_BATCH
+CPU_BATCH_SIZE_BEFORE = 32
 # Images per GPU forward pass at 224 px (EfficientNet-Lite0 in bf16 holds well under 20 MB of
 # activations per image), scaled by the input's area; benchmarks/device_check.sh measures 64-512.
 GPU_BATCH_AT_224 = 256
@@ -364,9 +386,13 @@ def plan_stages(gpus: float, cpus: float, config: EmbedConfig, input_size: int,
     cores small photographs leave nearly both cores to the model and 12 MP photographs, which cost
     more to decode than to embed, give decoding the larger part. Without costs (or with
     config.fast False): the fixed rule from before (one actor per 4 CPUs, decode tasks 1 CPU each).
+    The batch: config.batch_size, else sized to the GPU, else CPU_BATCH_SIZE (CPU_BATCH_SIZE_BEFORE
+    with config.fast False).
     """
     on_gpu = gpus >= 1 and config.gpus_per_actor != 0
-    batch = config.batch_size or (gpu_batch_size(input_size) if on_gpu else CPU_BATCH_SIZE)
+    fast = fast_default() if config.fast is None else config.fast
+    cpu_batch = CPU_BATCH_SIZE if fast else CPU_BATCH_SIZE_BEFORE
+    batch = config.batch_size or (gpu_batch_size(input_size) if on_gpu else cpu_batch)
     share = None if on_gpu or costs is None else costs.model_share
     actors = model_actor_resources(gpus, cpus, config.concurrency, config.gpus_per_actor, config.torch_threads,
                                    model_share=share)
@@ -493,6 +519,8 @@ def embed_source(
     """
     import ray
 
+    from raysearch.models.registry import resolve_model
+
     spec = spec or resolve_model(config.model)
     start = time.perf_counter()
     embeddings_dir = storage.absolute(embeddings_dir)   # read and written by Ray's workers
@@ -538,22 +566,26 @@ def embed_source(
                        "local": json.dumps(local["extractor"], sort_keys=True) if local else None},
             num_cpus=plan.decode_cpus,
             # What a decode task holds: its pixels and a copy in flight. Declaring it also keeps
-            # Ray Data from fusing decoding into the model actors, so the two overlap.
+            # Ray Data from fusing decoding into the model actors, so the two overlap. (Fused, each
+            # actor decoding its own images, measured no less CPU on 2 cores for small photographs
+            # and more for 12 MP ones, which then need two model actors starting instead of one.)
             memory=_decode_task_memory(chunk, spec.input_size),
         )
         ds = ds.map_batches(
             EmbedStage,
             batch_size=plan.batch_size,
-            fn_constructor_kwargs={"spec": spec.to_dict(), "torch_threads": res.threads, "fast": fast},
+            fn_constructor_kwargs={"spec": spec.to_dict(), "torch_threads": res.threads, "fast": fast,
+                                   "forward_batch": plan.batch_size},
             compute=ray.data.ActorPoolStrategy(size=res.concurrency),
             num_gpus=res.num_gpus,
             num_cpus=res.num_cpus,
         )
         ds = ds.map_batches(
-            write_parts,
+            PartWriter,
             batch_size=config.part_rows,
-            fn_kwargs={"embeddings_dir": embeddings_dir, "local_kind": local["kind"] if local else None,
-                       "local_dim": local["dim"] if local else 0},
+            fn_constructor_kwargs={"embeddings_dir": embeddings_dir, "local_kind": local["kind"] if local else None,
+                                   "local_dim": local["dim"] if local else 0},
+            compute=ray.data.ActorPoolStrategy(size=1),
             # Writing is light I/O: reserving no CPU lets parts land while decoding still holds every core.
             num_cpus=0,
         )
@@ -595,6 +627,7 @@ def _check_error_rate(summary: EmbedSummary, embeddings_dir: str, max_error_rate
 __all__ = [
     "EmbedConfig",
     "EmbedStage",
+    "PartWriter",
     "EmbedSummary",
     "StageCosts",
     "StagePlan",

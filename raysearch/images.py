@@ -81,6 +81,10 @@ def decode_image(data: bytes, draft_size: int | None = None, max_pixels: int | N
             if w * h > max_pixels:
                 raise DecodeError(f"image too large: {w}x{h} pixels (limit {max_pixels})")
             if draft_size and img.format == "JPEG":
+                # libjpeg-turbo decodes at 1/2, 1/4 or 1/8 scale (a 12 MP photograph for 224 px: 1/8).
+                # At 1/8 most of the time goes to entropy-decoding the whole file: 29 of the 35 ms a
+                # 2 MB 4000x3000 JPEG takes here (87 ms at full scale); OpenCV's reduced decoding
+                # (IMREAD_REDUCED_COLOR_8, the same library) took as long.
                 img.draft("RGB", (draft_size, draft_size))
             img.load()
             img = ImageOps.exif_transpose(img)

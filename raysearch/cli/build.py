@@ -15,7 +15,7 @@ WeightsOpt = Annotated[Optional[str], typer.Option(help="Local weights file (tor
 PoolingOpt = Annotated[Optional[str], typer.Option(help="Pooling: gem, mac, spoc or rmac (default: the model's).")]
 InputSizeOpt = Annotated[Optional[int], typer.Option(help="Square input size in pixels (default: the model's).")]
 ResizeOpt = Annotated[Optional[str], typer.Option(help="Resize policy: squash, crop or pad (default: the model's).")]
-BatchOpt = Annotated[Optional[int], typer.Option(help="Images per forward pass (default: 32 on CPU, sized to the GPU's input size on a GPU).")]
+BatchOpt = Annotated[Optional[int], typer.Option(help="Images per forward pass (default: 4 on CPU, sized to the GPU's input size on a GPU).")]
 ConcurrencyOpt = Annotated[Optional[int], typer.Option(help="Embedder actors (default: one per GPU; on CPU one per 4 CPUs).")]
 MaxErrOpt = Annotated[float, typer.Option(help="Fail the build if more than this share of images cannot be used.")]
 AddressOpt = Annotated[Optional[str], typer.Option(help="Ray cluster address (default: $RAY_ADDRESS, else a local cluster).")]
