@@ -44,6 +44,8 @@ def train_cmd(
     init: Annotated[str, typer.Option(help="Starting model: a registry name (see `raysearch models`) or torchscript:PATH returning a feature map.")] = DEFAULT_MODEL,
     weights: Annotated[Optional[str], typer.Option(help="Weights file for resnet50_gem / resnet101_gem (a torchvision state dict).")] = None,
     dim: Annotated[Optional[int], typer.Option(help="Linear projection to this many dimensions (default: none, the trunk's size).")] = None,
+    init_projection: Annotated[str, typer.Option(help="random, or whitening: start the projection (to --dim, or the trunk's size) from a whitening fitted on edited views of the training images.")] = "random",
+    whiten_images: Annotated[int, typer.Option(help="Training images whose views --init-projection whitening is fitted on.")] = 2048,
     gem_p: Annotated[float, typer.Option(help="GeM pooling exponent.")] = 3.0,
     train_blocks: Annotated[str, typer.Option(help="'all', or N: only the last N trunk blocks train (faster, less memory); 'auto': all on GPU, 4 on CPU.")] = "auto",
     input_size: Annotated[Optional[int], typer.Option(help="Square training (and indexing) input size (default: the init model's).")] = None,
@@ -87,7 +89,8 @@ def train_cmd(
     setup_logging(verbose)
     edit_names = parse_edits(edits)
     config = TrainConfig(
-        objective=objective, labels=labels, init=init, weights=weights, dim=dim, gem_p=gem_p,
+        objective=objective, labels=labels, init=init, weights=weights, dim=dim,
+        projection_init=init_projection, whiten_images=whiten_images, gem_p=gem_p,
         train_blocks=train_blocks, input_size=input_size, load_size=load_size, epochs=epochs,
         batch_size=batch_size, n_views=views, lr=lr, weight_decay=weight_decay, warmup_steps=warmup_steps,
         temperature=temperature, margin=margin, koleo_weight=koleo_weight, mixup_prob=mixup, cutmix_prob=cutmix,

@@ -13,6 +13,7 @@ from raysearch.train.views import DEFAULT_VIEW_EDITS, ViewConfig
 OBJECTIVES: tuple[str, ...] = ("copy", "contrastive", "triplet", "supcon")
 LABELLED_OBJECTIVES: tuple[str, ...] = ("contrastive", "triplet", "supcon")
 PRECISIONS: tuple[str, ...] = ("auto", "fp32", "bf16")
+PROJECTION_INITS: tuple[str, ...] = ("random", "whitening")   # see raysearch.train.model.make_projection
 
 # Per-objective defaults (None in TrainConfig means "this"). copy follows SSCD: InfoNCE at 0.05; a
 # KoLeo weight of 10, the value SSCD's authors advise for new set-ups (their paper's 30 proved
@@ -62,6 +63,8 @@ class TrainConfig:
     init: str = DEFAULT_MODEL              # registry name or torchscript:PATH
     weights: str | None = None
     dim: int | None = None                 # linear projection to this size (None: the trunk's)
+    projection_init: str = "random"        # 'random', or 'whitening' fitted on views (train.whitening)
+    whiten_images: int = 2048              # images whose views the whitening is fitted on
     gem_p: float = 3.0
     train_blocks: str = "auto"             # 'all', 'auto' (all on GPU, 4 on CPU) or N final blocks
     input_size: int | None = None          # None: the init model's
@@ -156,6 +159,10 @@ class TrainConfig:
             raise ValueError(f"--train-blocks must be 'all', 'auto' or a positive number, got {self.train_blocks!r}")
         if self.n_views < 2:
             raise ValueError(f"--views must be >= 2 (a view needs a positive), got {self.n_views}")
+        if self.projection_init not in PROJECTION_INITS:
+            raise ValueError(f"--init-projection must be one of {PROJECTION_INITS}, got {self.projection_init!r}")
+        if self.whiten_images < 2:
+            raise ValueError(f"--whiten-images must be >= 2, got {self.whiten_images}")
 
     # -- effective values ---------------------------------------------------------------------
 

@@ -154,6 +154,18 @@ def training_dataset(listing: Listing, load_size: int, workers: int):
     return ds.map_batches(decode_batch, fn_kwargs={"load_size": load_size}, batch_size=16, batch_format="numpy")
 
 
+def sample_dataset(listing: Listing, load_size: int, n_images: int):
+    """The first `n_images` rows of the (seeded, shuffled) listing, decoded like the training
+    dataset but in a fixed order: what a whitened projection is fitted on."""
+    import ray.data
+
+    table = listing.table.slice(0, n_images)
+    rows = max(1, min(64, table.num_rows // 8))
+    blocks = [table.slice(start, rows) for start in range(0, table.num_rows, rows)]
+    return ray.data.from_arrow(blocks).map_batches(decode_batch, fn_kwargs={"load_size": load_size}, batch_size=16,
+                                                   batch_format="numpy")
+
+
 def rows_per_worker(n_rows: int, workers: int) -> int:
     """Rows each of `workers` shards gets: Ray Train splits datasets with equal=True, dropping the
     remainder."""

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from raysearch.train.config import TrainConfig
-from raysearch.train.model import InitModel, build_descriptor_net
+from raysearch.train.model import InitModel, build_descriptor_net, set_projection
 from raysearch.train.objectives import TERMS, objective_loss
 from raysearch.train.views import ViewConfig, make_views, mix_views
 
@@ -51,6 +51,9 @@ class LoopSettings:
     train_blocks: str
     steps_per_epoch: int
     use_gpu: bool
+    # The fitted start of a whitened projection (raysearch.train.whitening.ProjectionInit), loaded
+    # unless a checkpoint holds later weights.
+    projection: object | None = None
 
 
 @dataclass
@@ -235,7 +238,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
         torch.set_num_threads(threads)
 
     torch.manual_seed(cfg.seed)  # the same projection initialisation on every worker
-    net = build_descriptor_net(s.init, cfg.dim, cfg.gem_p, s.train_blocks)
+    net = build_descriptor_net(s.init, cfg.dim, cfg.gem_p, s.train_blocks, cfg.projection_init)
+    if s.projection is not None:
+        set_projection(net, s.projection.weight, s.projection.bias)
     progress = Progress()
     state = None
     checkpoint = ray.train.get_checkpoint()

@@ -1,5 +1,6 @@
 """The network being trained: a registry backbone (or a TorchScript one) cut into blocks, GeM pooling,
-an optional linear projection and L2 normalisation.
+an optional linear projection (randomly initialised, or a fitted whitening of the unit descriptors)
+and L2 normalisation.
 
 `DescriptorNet` maps a normalised batch (B, 3, S, S) float to (B, d) unit vectors. Its first
 `n_frozen` blocks take no gradient and run in eval mode (BatchNorm keeps its ImageNet statistics),
@@ -21,6 +22,7 @@ import torch.nn.functional as F
 from raysearch.models.pooling import gem
 from raysearch.models.registry import TORCHSCRIPT_PREFIX, build_model, resolve_model
 from raysearch.models.spec import IMAGENET_MEAN, IMAGENET_STD, ModelConfig
+from raysearch.train.config import PROJECTION_INITS
 
 
 @dataclass(frozen=True)
@@ -51,6 +53,38 @@ def backbone_blocks(trunk: nn.Module) -> list[nn.Module]:
     return [trunk]
 
 
+class L2Normalize(nn.Module):
+    """Rows scaled to unit length (the input of a whitened projection, fitted on unit descriptors)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(x, dim=-1)
+
+
+def make_projection(features: int, dim: int | None, init: str = "random") -> nn.Module:
+    """The projection after pooling. 'random': a linear map to `dim` (torch's default
+    initialisation) or none without `dim`. 'whitening': L2 normalisation then a linear map to `dim`
+    (default: `features`), whose weights `set_projection` fills with a fitted whitening
+    (raysearch.train.whitening)."""
+    if init not in PROJECTION_INITS:
+        raise ValueError(f"--init-projection must be one of {PROJECTION_INITS}, got {init!r}")
+    if init == "whitening":
+        return nn.Sequential(L2Normalize(), nn.Linear(features, dim or features))
+    return nn.Linear(features, dim) if dim else nn.Identity()
+
+
+def set_projection(net: "DescriptorNet", weight, bias) -> None:
+    """Load a fitted (dim, features) weight and (dim,) bias into a whitening projection."""
+    linear = net.projection[-1] if isinstance(net.projection, nn.Sequential) else None
+    if not isinstance(linear, nn.Linear):
+        raise ValueError("the network has no whitening projection to load (build it with init='whitening')")
+    weight, bias = torch.as_tensor(weight, dtype=torch.float32), torch.as_tensor(bias, dtype=torch.float32)
+    if tuple(weight.shape) != tuple(linear.weight.shape) or tuple(bias.shape) != tuple(linear.bias.shape):
+        raise ValueError(f"projection of shape {tuple(weight.shape)} does not fit the network's {tuple(linear.weight.shape)}")
+    with torch.no_grad():
+        linear.weight.copy_(weight)
+        linear.bias.copy_(bias)
+
+
 class _Descriptor(nn.Module):
     """The exported function: blocks -> GeM (unless the trunk pools itself) -> projection -> L2."""
 
@@ -72,15 +106,16 @@ class DescriptorNet(nn.Module):
     """Normalised images (B, 3, S, S) -> unit descriptors (B, dim); blocks [:n_frozen] frozen."""
 
     def __init__(self, blocks: list[nn.Module], n_frozen: int, features: int, dim: int | None,
-                 gem_p: float, pools_itself: bool):
+                 gem_p: float, pools_itself: bool, projection_init: str = "random"):
         super().__init__()
         if not 0 <= n_frozen < len(blocks):
             raise ValueError(f"n_frozen must be in [0, {len(blocks) - 1}], got {n_frozen}")
         self.frozen = nn.Sequential(*blocks[:n_frozen])
         self.trainable = nn.Sequential(*blocks[n_frozen:])
-        self.projection: nn.Module = nn.Linear(features, dim) if dim else nn.Identity()
+        self.projection: nn.Module = make_projection(features, dim, projection_init)
         self.gem_p = float(gem_p)
         self.pools_itself = pools_itself
+        self.features = int(features)
         self.dim = int(dim or features)
         for p in self.frozen.parameters():
             p.requires_grad_(False)
@@ -154,9 +189,11 @@ def parse_train_blocks(value: str | int, n_blocks: int) -> int:
     return max(0, n_blocks - n)
 
 
-def build_descriptor_net(init: InitModel, dim: int | None, gem_p: float, train_blocks: str | int) -> DescriptorNet:
+def build_descriptor_net(init: InitModel, dim: int | None, gem_p: float, train_blocks: str | int,
+                         projection_init: str = "random") -> DescriptorNet:
     """The network to train, on CPU, in train mode. `train_blocks`: 'all' or the number of final
-    trunk blocks that train (see `backbone_blocks`); GeM and the projection always train."""
+    trunk blocks that train (see `backbone_blocks`); GeM and the projection always train.
+    `projection_init`: see `make_projection`."""
     if dim is not None and dim < 1:
         raise ValueError(f"--dim must be >= 1, got {dim}")
     if gem_p <= 0:
@@ -179,7 +216,9 @@ def build_descriptor_net(init: InitModel, dim: int | None, gem_p: float, train_b
     n_frozen = parse_train_blocks(train_blocks, len(blocks))
     if n_frozen and len(blocks) == 1:
         raise ValueError(f"--train-blocks {train_blocks}: {init.name} is a single block; use --train-blocks all")
-    net = DescriptorNet(blocks, n_frozen, int(probe.shape[1]), dim, gem_p, pools_itself)
+    if projection_init == "whitening" and dim is not None and dim > int(probe.shape[1]):
+        raise ValueError(f"--dim {dim}: a whitened projection keeps at most the trunk's {int(probe.shape[1])} dimensions")
+    net = DescriptorNet(blocks, n_frozen, int(probe.shape[1]), dim, gem_p, pools_itself, projection_init)
     return net.train()
 
 

@@ -28,14 +28,17 @@ from dataclasses import dataclass
 from raysearch import storage
 from raysearch.models.trained import MODEL_JSON, TRAINED_FORMAT
 from raysearch.train.config import TrainConfig
-from raysearch.train.data import read_listing, rows_per_worker, training_dataset
+from raysearch.train.data import read_listing, rows_per_worker, sample_dataset, training_dataset
 from raysearch.train.loop import LOSS_FILE, LoopSettings, load_checkpoint_dir, train_loop_per_worker
 from raysearch.train.model import build_descriptor_net, export_torchscript, resolve_init
+from raysearch.train.whitening import PROJECTION_FILE, WHITEN_VIEWS, ProjectionInit, fit_projection
 
 log = logging.getLogger("raysearch")
 
 RUN_JSON = "run.json"
 RUN_NAME = "run"
+# Settings added after the first release of `raysearch train`: absent from older run.json files.
+NEWER_SETTINGS = frozenset({"projection_init", "whiten_images"})
 
 
 @dataclass(frozen=True)
@@ -74,6 +77,9 @@ def _check_previous_run(out: str, run_doc: dict, overwrite: bool) -> dict | None
     if not storage.exists(run_path):
         raise ValueError(f"--out {out} is not empty and holds no training run; give an empty folder or --overwrite")
     previous = storage.read_json(run_path)
+    # A run started before a setting existed ran with that setting's default.
+    defaults = json.loads(json.dumps(TrainConfig().learning_settings()))
+    previous["settings"] = {**{k: v for k, v in defaults.items() if k in NEWER_SETTINGS}, **previous.get("settings", {})}
     if previous.get("source") != run_doc["source"] or previous.get("settings") != run_doc["settings"]:
         changed = sorted(
             k for k in set(previous.get("settings", {})) | set(run_doc["settings"])
@@ -114,7 +120,8 @@ def train(source: str, out: str, config: TrainConfig, overwrite: bool = False, p
     if use_gpu and cluster_gpus() < config.workers:
         raise ValueError(f"--workers {config.workers} with GPUs needs {config.workers} GPUs; the cluster has {cluster_gpus():g}")
     train_blocks = config.effective_train_blocks(use_gpu)
-    net = build_descriptor_net(init, config.dim, config.gem_p, train_blocks)  # checks --init/--train-blocks
+    # Checks --init, --train-blocks and --dim before anything starts.
+    net = build_descriptor_net(init, config.dim, config.gem_p, train_blocks, config.projection_init)
     cpus = config.cpus_per_worker or (4.0 if use_gpu else 1.0)
 
     # Through JSON, so that it compares equal to the run.json an earlier invocation wrote.
@@ -139,8 +146,11 @@ def train(source: str, out: str, config: TrainConfig, overwrite: bool = False, p
     storage.atomic_write_json(run_path, {**run_doc, "n_rows": n_rows})
 
     configure_data_context(progress)
+    projection = None
+    if config.projection_init == "whitening":
+        projection = _projection_init(out, listing, load_size, config, init, input_size, use_gpu, cpus)
     dataset = training_dataset(listing, load_size, config.workers)
-    settings = LoopSettings(config, init, input_size, train_blocks, steps_per_epoch, use_gpu)
+    settings = LoopSettings(config, init, input_size, train_blocks, steps_per_epoch, use_gpu, projection)
     resources = {"CPU": cpus, **({"GPU": 1.0} if use_gpu else {})}
     storage_path, storage_fs = _storage_for_ray(out)
     trainer = TorchTrainer(
@@ -192,6 +202,7 @@ def train(source: str, out: str, config: TrainConfig, overwrite: bool = False, p
         "pooling": None if net.pools_itself else "gem",
         "gem_p": net.gem_p,
         "projection": config.dim,
+        "projection_init": projection.record() if projection is not None else None,
         "objective": config.objective,
         "init": {"name": init.name, "weights": init.weights, "weights_sha256": init.weights_sha256},
         "source": source,
@@ -235,6 +246,21 @@ def train(source: str, out: str, config: TrainConfig, overwrite: bool = False, p
             storage.remove(storage.join(out, entry))
     log.info("trained %s in %.1f s", out, time.monotonic() - started)
     return TrainResult(out, model, trained_now=True)
+
+
+def _projection_init(out: str, listing, load_size: int, config: TrainConfig, init, input_size: int,
+                     use_gpu: bool, cpus: float) -> ProjectionInit:
+    """The whitened projection's start: fitted once per run and kept in MODEL_DIR, so that a resumed
+    run (whose settings run.json has matched) starts the same way without fitting again."""
+    path = storage.join(out, PROJECTION_FILE)
+    if storage.exists(path):
+        return ProjectionInit.from_bytes(storage.read_bytes(path))
+    n = min(config.whiten_images, listing.table.num_rows)
+    log.info("fitting the whitened projection on %d views of %d images", WHITEN_VIEWS * n, n)
+    fitted = fit_projection(sample_dataset(listing, load_size, n), init, config.gem_p, config.view_config(input_size),
+                            config.dim, n, config.seed, use_gpu, cpus)
+    storage.atomic_write(path, fitted.to_bytes())
+    return fitted
 
 
 def _versions() -> dict:

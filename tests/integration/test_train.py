@@ -29,6 +29,7 @@ from raysearch.train.config import TrainConfig, parse_duration
 from raysearch.train.loop import id_digest, load_checkpoint_dir
 from raysearch.train.model import build_descriptor_net, export_torchscript, resolve_init
 from raysearch.train.views import ViewConfig, make_views, mix_views
+from raysearch.train.whitening import PROJECTION_FILE, ProjectionInit
 
 N_IMAGES = 32  # 31 photographs + 1 corrupt file: 16 rows per worker, 2 batches of 8
 SIZE = 64
@@ -285,11 +286,23 @@ def test_labelled_objectives_train_on_labels_and_on_views(ray_local, train_image
     assert m["effective"]["temperature"] == 0.1 and m["training"]["finished"]
     with open(os.path.join(supcon.model_dir, "loss.csv")) as f:
         assert next(csv.reader(f))[:4] == ["step", "epoch", "loss", "supcon"]
-    # Without labels, triplet's positives are the views of each image.
+    # Without labels, triplet's positives are the views of each image. This run also starts its
+    # projection from a whitening fitted on views (in a Ray task) before the first step.
     triplet = train(train_images, str(tmp_path / "triplet"),
-                    _tiny_config(tiny_init, objective="triplet", workers=1, cpus_per_worker=1, epochs=1))
-    assert triplet.model["n_labels"] is None and triplet.model["effective"]["margin"] == 0.2
-    assert np.isfinite(triplet.model["training"]["final_loss"])
+                    _tiny_config(tiny_init, objective="triplet", workers=1, cpus_per_worker=1, epochs=1,
+                                 projection_init="whitening", dim=16))
+    m = triplet.model
+    assert m["n_labels"] is None and m["effective"]["margin"] == 0.2
+    assert np.isfinite(m["training"]["final_loss"])
+    assert m["dim"] == 16 and m["projection_init"]["images"] == N_IMAGES - 1  # the corrupt file is skipped
+    fit = ProjectionInit.from_bytes(open(os.path.join(triplet.model_dir, PROJECTION_FILE), "rb").read())
+    state, _ = load_checkpoint_dir(os.path.join(triplet.model_dir, m["checkpoint"]))
+    trained_weight = state["model"]["projection.1.weight"].numpy()
+    # AdamW moves a weight by at most about 3.2 x lr a step (beta1 0.9, beta2 0.999): the workers
+    # started from the fit, not from a random projection (which is further from it than that).
+    bound = 3.2 * 3e-3 * m["training"]["steps"]
+    assert np.abs(trained_weight - fit.weight).max() <= bound
+    assert np.abs(fit.weight).max() > 10 * bound
 
 
 def _cli(*args: str) -> list[str]:
