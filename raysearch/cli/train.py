@@ -50,7 +50,7 @@ def train_cmd(
     train_blocks: Annotated[str, typer.Option(help="'all', or N: only the last N trunk blocks train (faster, less memory); 'auto': all on GPU, 4 on CPU.")] = "auto",
     input_size: Annotated[Optional[int], typer.Option(help="Square training (and indexing) input size (default: the init model's).")] = None,
     load_size: Annotated[Optional[int], typer.Option(help="Images are decoded with their shorter side at most this (default: 2 x input size).")] = None,
-    epochs: Annotated[int, typer.Option(help="Passes over SOURCE.")] = 10,
+    epochs: Annotated[int, typer.Option(help="Passes over SOURCE (0: no gradient step, only the projection fitted by --init-projection whitening).")] = 10,
     batch_size: Annotated[int, typer.Option(help="Images per worker per step (negatives come from the worker's batch).")] = 32,
     views: Annotated[int, typer.Option(help="Views of each image per step.")] = 2,
     lr: Annotated[float, typer.Option(help="AdamW peak learning rate (linear warm-up, cosine decay).")] = 3e-4,

@@ -107,7 +107,9 @@ class TrainConfig:
             raise ValueError("--objective supcon needs --labels CSV (image_id,label)")
         if self.objective == "copy" and self.labels:
             raise ValueError("--objective copy learns from the images alone; --labels applies to contrastive, triplet and supcon")
-        positive = {"epochs": self.epochs, "batch_size": self.batch_size, "workers": self.workers}
+        if self.epochs == 0 and self.projection_init != "whitening":
+            raise ValueError("--epochs 0 leaves nothing to learn unless --init-projection whitening fits the projection")
+        positive = {"batch_size": self.batch_size, "workers": self.workers, **({"epochs": self.epochs} if self.epochs else {})}
         for name, value in positive.items():
             if value < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")

@@ -209,7 +209,7 @@ def _parameter_fingerprint(params: list[torch.nn.Parameter]) -> list[float]:
         return [v for p in params for v in (float(p.double().sum()), float(p.double().abs().sum()))]
 
 
-def _node_cpus() -> int:
+def node_cpus() -> int:
     """The CPUs Ray counts on this worker's node (cgroup limits included), or the process's."""
     import ray
 
@@ -233,7 +233,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
     views = cfg.view_config(s.input_size)
-    threads = cfg.worker_threads(s.use_gpu, _node_cpus(), ctx.get_local_world_size())
+    threads = cfg.worker_threads(s.use_gpu, node_cpus(), ctx.get_local_world_size())
     if threads:
         torch.set_num_threads(threads)
 

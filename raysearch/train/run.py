@@ -29,8 +29,9 @@ from raysearch import storage
 from raysearch.models.trained import MODEL_JSON, TRAINED_FORMAT
 from raysearch.train.config import TrainConfig
 from raysearch.train.data import read_listing, rows_per_worker, sample_dataset, training_dataset
-from raysearch.train.loop import LOSS_FILE, LoopSettings, load_checkpoint_dir, train_loop_per_worker
-from raysearch.train.model import build_descriptor_net, export_torchscript, resolve_init
+from raysearch.train.loop import (LOSS_FILE, LoopSettings, Progress, load_checkpoint_dir, train_loop_per_worker,
+                                  write_loss_csv)
+from raysearch.train.model import build_descriptor_net, export_torchscript, resolve_init, set_projection
 from raysearch.train.whitening import PROJECTION_FILE, WHITEN_VIEWS, ProjectionInit, fit_projection
 
 log = logging.getLogger("raysearch")
@@ -101,11 +102,9 @@ def train(source: str, out: str, config: TrainConfig, overwrite: bool = False, p
     """Train a descriptor on SOURCE with Ray Train and write MODEL_DIR `out` (local or s3://...).
 
     Needs Ray initialised (`raysearch.runtime.ensure_ray`); rerunning with the same arguments
-    resumes an interrupted run, and returns at once when the run had finished.
+    resumes an interrupted run, and returns at once when the run had finished. With `config.epochs`
+    0 the model is the starting network with its fitted whitened projection (no gradient step).
     """
-    import ray.train
-    from ray.train.torch import TorchTrainer
-
     from raysearch.runtime import cluster_gpus, configure_data_context
 
     started = time.monotonic()
@@ -149,34 +148,15 @@ def train(source: str, out: str, config: TrainConfig, overwrite: bool = False, p
     projection = None
     if config.projection_init == "whitening":
         projection = _projection_init(out, listing, load_size, config, init, input_size, use_gpu, cpus)
-    dataset = training_dataset(listing, load_size, config.workers)
-    settings = LoopSettings(config, init, input_size, train_blocks, steps_per_epoch, use_gpu, projection)
-    resources = {"CPU": cpus, **({"GPU": 1.0} if use_gpu else {})}
-    storage_path, storage_fs = _storage_for_ray(out)
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={"loop": settings},
-        scaling_config=ray.train.ScalingConfig(num_workers=config.workers, use_gpu=use_gpu, resources_per_worker=resources),
-        run_config=ray.train.RunConfig(
-            name=RUN_NAME, storage_path=storage_path, storage_filesystem=storage_fs,
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
-            failure_config=ray.train.FailureConfig(max_failures=config.max_failures),
-            # Ray Train copies worker prints into its own log as well; once on the console is enough.
-            worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}},
-        ),
-        datasets={"train": dataset},
-    )
-    result = trainer.fit()
-    checkpoint = result.checkpoint
-    if checkpoint is None:
-        raise RuntimeError(f"training in {out} ended without a checkpoint")
-    with checkpoint.as_directory() as folder:
-        state, prog = load_checkpoint_dir(folder)
-        with open(os.path.join(folder, LOSS_FILE), "rb") as f:
-            loss_csv = f.read()
-    checkpoint_rel = checkpoint.path.rstrip("/").split("/")[-1]
-
-    net.load_state_dict(state["model"])
+    if config.epochs == 0:
+        # The fitted projection alone: no gradient step, so no Ray Train run and no checkpoint.
+        set_projection(net, projection.weight, projection.bias)
+        prog, loss_csv, checkpoint_rel, metrics = Progress(), write_loss_csv([], config.objective), None, {}
+    else:
+        settings = LoopSettings(config, init, input_size, train_blocks, steps_per_epoch, use_gpu, projection)
+        state, prog, loss_csv, checkpoint_rel, metrics = _run_trainer(
+            out, settings, training_dataset(listing, load_size, config.workers), cpus)
+        net.load_state_dict(state["model"])
     scripted = export_torchscript(net)
     digest = hashlib.sha256(scripted).hexdigest()
     script_name = f"model-{digest[:16]}.pt"
@@ -222,7 +202,7 @@ def train(source: str, out: str, config: TrainConfig, overwrite: bool = False, p
         },
         "training": {
             "finished": done,
-            "stopped": "epochs" if done else (result.metrics or {}).get("stopped") or "interrupted",
+            "stopped": "epochs" if done else metrics.get("stopped") or "interrupted",
             "steps": prog.step,
             "starts": prog.starts,
             "steps_per_epoch": steps_per_epoch,
@@ -233,7 +213,7 @@ def train(source: str, out: str, config: TrainConfig, overwrite: bool = False, p
             "final_loss": last.get("loss"),
             "epochs": prog.epochs,
         },
-        "checkpoint": f"{RUN_NAME}/{checkpoint_rel}",
+        "checkpoint": f"{RUN_NAME}/{checkpoint_rel}" if checkpoint_rel else None,
         "loss_curve": LOSS_FILE,
         "versions": _versions(),
     }
@@ -248,6 +228,40 @@ def train(source: str, out: str, config: TrainConfig, overwrite: bool = False, p
     return TrainResult(out, model, trained_now=True)
 
 
+def _run_trainer(out: str, settings: LoopSettings, dataset, cpus: float):
+    """Run the TorchTrainer (resuming MODEL_DIR/run when it holds a checkpoint); returns the last
+    checkpoint's (torch state, progress, loss.csv bytes, folder name) and the last metrics."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    config = settings.config
+    resources = {"CPU": cpus, **({"GPU": 1.0} if settings.use_gpu else {})}
+    storage_path, storage_fs = _storage_for_ray(out)
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"loop": settings},
+        scaling_config=ray.train.ScalingConfig(num_workers=config.workers, use_gpu=settings.use_gpu,
+                                               resources_per_worker=resources),
+        run_config=ray.train.RunConfig(
+            name=RUN_NAME, storage_path=storage_path, storage_filesystem=storage_fs,
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
+            failure_config=ray.train.FailureConfig(max_failures=config.max_failures),
+            # Ray Train copies worker prints into its own log as well; once on the console is enough.
+            worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}},
+        ),
+        datasets={"train": dataset},
+    )
+    result = trainer.fit()
+    checkpoint = result.checkpoint
+    if checkpoint is None:
+        raise RuntimeError(f"training in {out} ended without a checkpoint")
+    with checkpoint.as_directory() as folder:
+        state, prog = load_checkpoint_dir(folder)
+        with open(os.path.join(folder, LOSS_FILE), "rb") as f:
+            loss_csv = f.read()
+    return state, prog, loss_csv, checkpoint.path.rstrip("/").split("/")[-1], dict(result.metrics or {})
+
+
 def _projection_init(out: str, listing, load_size: int, config: TrainConfig, init, input_size: int,
                      use_gpu: bool, cpus: float) -> ProjectionInit:
     """The whitened projection's start: fitted once per run and kept in MODEL_DIR, so that a resumed
@@ -258,7 +272,7 @@ def _projection_init(out: str, listing, load_size: int, config: TrainConfig, ini
     n = min(config.whiten_images, listing.table.num_rows)
     log.info("fitting the whitened projection on %d views of %d images", WHITEN_VIEWS * n, n)
     fitted = fit_projection(sample_dataset(listing, load_size, n), init, config.gem_p, config.view_config(input_size),
-                            config.dim, n, config.seed, use_gpu, cpus)
+                            config.dim, n, config.seed, use_gpu, cpus, config.threads)
     storage.atomic_write(path, fitted.to_bytes())
     return fitted
 

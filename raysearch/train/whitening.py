@@ -12,9 +12,8 @@ no labels are needed:
    (eigenvalues shrunk by `shrinkage` x their mean) flattens the directions the edits move.
 3. In that space, PCA of all the views; the `dim` axes of largest variance are kept.
 
-The projection is y = W f + b; the network L2-normalises y. Training then starts from it: on this
-machine the fit takes minutes where the same gain by gradient steps took far longer
-(benchmarks/RESULTS.md, "Training a copy descriptor").
+The projection is y = W f + b; the network L2-normalises y. Training then starts from it
+(benchmarks/RESULTS.md, "Training a copy descriptor", measures both).
 """
 
 from __future__ import annotations
@@ -130,27 +129,42 @@ def view_features(batches, net, mean: tuple, std: tuple, view_config, views: int
 
 
 def fit_projection(sample, init, gem_p: float, view_config, dim: int | None, max_images: int, seed: int,
-                   use_gpu: bool, cpus: float) -> ProjectionInit:
+                   use_gpu: bool, cpus: float, threads: int | None = None) -> ProjectionInit:
     """Fit the projection on views of the images of `sample` (a Ray Data dataset of decoded rows),
-    in a Ray task that reserves what one training worker does (a GPU when training on GPUs)."""
+    in a Ray task that reserves what one training worker does (a GPU when training on GPUs). On
+    CPUs it runs torch on `threads` (default: every core of its node, which nothing else uses
+    before training starts), as a training worker does."""
     import ray
 
     def fit(sample) -> ProjectionInit:
         import torch
 
+        from raysearch.runtime import configure_data_context
+        from raysearch.train.loop import node_cpus
         from raysearch.train.model import build_descriptor_net
 
         start = time.monotonic()
+        print(f"fitting the whitened projection on {WHITEN_VIEWS} views of up to {max_images} images", flush=True)
+        configure_data_context(False)  # the driver's quiet Ray Data, in this task too
         if not use_gpu:
-            torch.set_num_threads(max(1, int(cpus)))
+            torch.set_num_threads(threads or node_cpus())
         net = build_descriptor_net(init, None, gem_p, "all")
         feats = view_features(sample.iter_batches(batch_size=16, batch_format="numpy"), net, init.mean, init.std, view_config,
                               WHITEN_VIEWS, seed, max_images, "cuda" if use_gpu else "cpu")
         weight, bias = learned_whitening(feats, dim, WHITEN_SHRINKAGE)
-        return ProjectionInit(weight, bias, feats.shape[0], WHITEN_VIEWS, WHITEN_SHRINKAGE, time.monotonic() - start)
+        fitted = ProjectionInit(weight, bias, feats.shape[0], WHITEN_VIEWS, WHITEN_SHRINKAGE, time.monotonic() - start)
+        # Printed like the training workers' lines: the fit can take minutes on CPUs.
+        print(f"fitted the whitened projection ({weight.shape[1]} -> {weight.shape[0]}) on {WHITEN_VIEWS} views "
+              f"of {fitted.images} images in {fitted.seconds:.1f} s", flush=True)
+        return fitted
 
     task = ray.remote(num_cpus=cpus, num_gpus=1 if use_gpu else 0)(fit)
-    return ray.get(task.remote(sample))
+    try:
+        return ray.get(task.remote(sample))
+    except ray.exceptions.RayTaskError as e:
+        if isinstance(e.cause, ValueError):  # too few usable images: the message, not the task's traceback
+            raise ValueError(str(e.cause)) from None
+        raise
 
 
 __all__ = ["PROJECTION_FILE", "ProjectionInit", "WHITEN_SHRINKAGE", "WHITEN_VIEWS", "fit_projection",
