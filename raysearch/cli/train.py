@@ -106,6 +106,10 @@ def train_cmd(
     t = m["training"]
     if not result.trained_now:
         typer.echo(f"{out} already holds the finished model of this run ({t['steps']} steps); nothing to do")
+    elif t["steps"] == 0 and m.get("projection_init"):
+        fit = m["projection_init"]
+        typer.echo(f"fitted the whitened projection on {fit['views']} views of {fit['images']} images of {m['source']} "
+                   f"in {fit['seconds']:.1f} s; no gradient step (--epochs 0)")
     else:
         state = "finished" if t["finished"] else f"stopped ({t['stopped']}) at step {t['steps']} of {t['total_steps']}; rerun to continue"
         typer.echo(

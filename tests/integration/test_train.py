@@ -358,20 +358,28 @@ def test_cli_reports_bad_options_in_one_line(train_images, tmp_path):
 
 @pytest.mark.slow
 def test_zero_epochs_exports_the_starting_network_with_its_fitted_projection(ray_local, train_images, tiny_init, tmp_path):
-    from raysearch.train import train
+    from typer.testing import CliRunner
+
+    import raysearch.cli.train  # noqa: F401 - registers the command
+    from raysearch.cli.common import app
 
     with pytest.raises(ValueError, match="--epochs 0 leaves nothing to learn"):
         _tiny_config(tiny_init, epochs=0)
-    result = train(train_images, str(tmp_path / "fit"),
-                   _tiny_config(tiny_init, epochs=0, projection_init="whitening", workers=1, cpus_per_worker=1))
-    m = result.model
+    out = str(tmp_path / "fit")
+    result = CliRunner().invoke(app, [
+        "train", train_images, "--out", out, "--init", f"torchscript:{tiny_init}", "--input-size", str(SIZE),
+        "--train-blocks", "all", "--batch-size", "8", "--workers", "1", "--epochs", "0", "--init-projection", "whitening"])
+    assert result.exit_code == 0, result.output
+    assert f"fitted the whitened projection on 4 views of {N_IMAGES - 1} images" in result.output
+    assert "no gradient step" in result.output
+    m = json.load(open(os.path.join(out, "model.json")))
     assert m["training"]["finished"] and m["training"]["steps"] == 0 and m["checkpoint"] is None
     assert m["dim"] == 32 and m["projection_init"]["images"] == N_IMAGES - 1
-    fit = ProjectionInit.from_bytes(open(os.path.join(result.model_dir, PROJECTION_FILE), "rb").read())
+    fit = ProjectionInit.from_bytes(open(os.path.join(out, PROJECTION_FILE), "rb").read())
     # The exported model is the starting network, its unit descriptors projected by the fit.
     base = build_descriptor_net(resolve_init(f"torchscript:{tiny_init}", None, SIZE), None, 3.0, "all").eval()
     x = torch.randn(3, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         y = base(x).numpy() @ fit.weight.T + fit.bias
-        got = torch.jit.load(os.path.join(result.model_dir, m["torchscript"]))(x).numpy()
+        got = torch.jit.load(os.path.join(out, m["torchscript"]))(x).numpy()
     np.testing.assert_allclose(got, y / np.linalg.norm(y, axis=1, keepdims=True), rtol=1e-4, atol=1e-5)
