@@ -5,7 +5,9 @@ The driver lists SOURCE, builds the Ray Data dataset of decoded images, and runs
 Checkpoints go to MODEL_DIR/run (RunConfig(storage_path=MODEL_DIR, name="run")): Ray Train (V2, the
 default in Ray 2.60) finds that run's checkpoint_manager_snapshot.json when the same command is run
 again and hands its latest checkpoint to the workers through `ray.train.get_checkpoint()`, so a
-killed run continues from its last checkpoint, step counter included.
+killed run continues from its last checkpoint, step counter included. With `--init-projection
+whitening` a Ray task first fits the projection (raysearch.train.whitening); with `--epochs 0` that
+fit is the whole run and no TorchTrainer starts.
 
 MODEL_DIR when done:
 
@@ -13,6 +15,7 @@ MODEL_DIR when done:
     loss.csv                 step, epoch, loss, the loss terms, lr, images, seconds
     run.json                 the source and the settings the run was started with
     run/                     Ray Train's run folder (the last checkpoint, the snapshot)
+    projection_init.npz      the fitted projection (--init-projection whitening), reused on resume
     model.json               written last, atomically: what `--model MODEL_DIR` reads
 """
 
