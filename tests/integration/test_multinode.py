@@ -59,6 +59,11 @@ def test_disc21_job_from_s3_spreads_over_the_worker_nodes(cluster, tmp_path, s3_
     root = f"s3://{s3_bucket}/disc21"
     upload(rep.root, root)
     monkeypatch.setenv("RAYSEARCH_CACHE", str(tmp_path / "cache"))
+    # Ray Data hands blocks to the first model actor that is ready, and one actor can embed all 150
+    # small images before the other has started: both are up before the first block here.
+    import ray.data
+
+    monkeypatch.setattr(ray.data.DataContext.get_current(), "wait_for_min_actors_s", 120)
     out = f"s3://{s3_bucket}/runs/disc21"
     doc = disc21.main(["--root", root, "--out", out, "--input-size", "64", "--concurrency", "2", "--batch-size", "8",
                        "--no-activate"])
