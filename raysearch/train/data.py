@@ -145,25 +145,25 @@ def training_dataset(listing: Listing, load_size: int, workers: int):
     would read the same blocks every epoch, and its in-batch negatives would always come from the
     same part of the data. That order is not seeded (Ray Data shuffles it per execution); the
     views of an image are (see views.view_seed)."""
-    import ray.data
-
-    table = listing.table
-    rows = block_rows_for(table.num_rows, workers)
-    blocks = [table.slice(start, rows) for start in range(0, table.num_rows, rows)]
-    ds = ray.data.from_arrow(blocks).randomize_block_order()
-    return ds.map_batches(decode_batch, fn_kwargs={"load_size": load_size}, batch_size=16, batch_format="numpy")
+    return _decoded(listing.table, block_rows_for(listing.table.num_rows, workers), load_size, shuffle_blocks=True)
 
 
 def sample_dataset(listing: Listing, load_size: int, n_images: int):
     """The first `n_images` rows of the (seeded, shuffled) listing, decoded like the training
     dataset but in a fixed order: what a whitened projection is fitted on."""
+    table = listing.table.slice(0, n_images)
+    return _decoded(table, block_rows_for(table.num_rows, 1), load_size, shuffle_blocks=False)
+
+
+def _decoded(table: pa.Table, rows_per_block: int, load_size: int, shuffle_blocks: bool):
+    """Listing rows cut into blocks of `rows_per_block`, decoded by Ray Data tasks (`decode_batch`)."""
     import ray.data
 
-    table = listing.table.slice(0, n_images)
-    rows = max(1, min(64, table.num_rows // 8))
-    blocks = [table.slice(start, rows) for start in range(0, table.num_rows, rows)]
-    return ray.data.from_arrow(blocks).map_batches(decode_batch, fn_kwargs={"load_size": load_size}, batch_size=16,
-                                                   batch_format="numpy")
+    blocks = [table.slice(start, rows_per_block) for start in range(0, table.num_rows, rows_per_block)]
+    ds = ray.data.from_arrow(blocks)
+    if shuffle_blocks:
+        ds = ds.randomize_block_order()
+    return ds.map_batches(decode_batch, fn_kwargs={"load_size": load_size}, batch_size=16, batch_format="numpy")
 
 
 def rows_per_worker(n_rows: int, workers: int) -> int:

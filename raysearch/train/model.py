@@ -115,7 +115,6 @@ class DescriptorNet(nn.Module):
         self.projection: nn.Module = make_projection(features, dim, projection_init)
         self.gem_p = float(gem_p)
         self.pools_itself = pools_itself
-        self.features = int(features)
         self.dim = int(dim or features)
         for p in self.frozen.parameters():
             p.requires_grad_(False)
