@@ -49,14 +49,16 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 
 
-def split_train_group(holdout: list[str]):
-    """(training photographs, held-out photographs): the train group split by package."""
-    from photos import TRAIN_PACKAGES, photographs
+def split_train_group(holdout: list[str], group: str = "train"):
+    """(training photographs, held-out photographs): the photographs of `group` ('train' or
+    'train-wide') split by package."""
+    from photos import RESOURCE_PACKAGES, TRAIN_PACKAGES, photographs
 
-    unknown = [p for p in holdout if p not in TRAIN_PACKAGES]
+    packages = TRAIN_PACKAGES + (RESOURCE_PACKAGES if group == "train-wide" else ())
+    unknown = [p for p in holdout if p not in packages]
     if unknown:
-        raise SystemExit(f"error: --holdout {unknown}: not packages of the train group {TRAIN_PACKAGES}")
-    photos = photographs("train")
+        raise SystemExit(f"error: --holdout {unknown}: not packages of the {group} group {packages}")
+    photos = photographs(group)
     held = {k: v for k, v in photos.items() if k.split("/", 1)[0] in holdout}
     return {k: v for k, v in photos.items() if k not in held}, held
 
@@ -158,6 +160,8 @@ def main() -> None:
     ap.add_argument("--input-size", type=int, default=160)
     ap.add_argument("--train-crops", type=int, default=25,
                     help="Separated crops per training photograph, each a training image (0: the whole photographs).")
+    ap.add_argument("--photos", choices=("train", "train-wide"), default="train",
+                    help="Training photographs: benchmarks/photos.py's group (train-wide adds gcompris-qt-data's).")
     ap.add_argument("--holdout", default="",
                     help="Packages of the train group kept out of training and judged on as a second set "
                          "(comma-separated), e.g. lomiri-wallpapers-16.04.")
@@ -181,7 +185,7 @@ def main() -> None:
     os.makedirs(work, exist_ok=True)
     ensure_ray()
     holdout = [p for p in args.holdout.split(",") if p.strip()]
-    train_photos, held_photos = split_train_group(holdout)
+    train_photos, held_photos = split_train_group(holdout, args.photos)
     sets = {"judge": judge_set(work, args.references, args.queries, args.seed)}
     if held_photos:
         sets["held-out"] = judge_set(work, args.references, args.queries, args.seed, "held-out", held_photos)
@@ -192,7 +196,8 @@ def main() -> None:
     model_dir = args.model_dir
     train_seconds = None
     if model_dir is None:
-        suffix = "-without-" + "-".join(sorted(holdout)) if holdout else ""
+        suffix = "-wide" if args.photos == "train-wide" else ""
+        suffix += "-without-" + "-".join(sorted(holdout)) if holdout else ""
         if args.distinct < 1:
             n_before = len(train_photos)
             train_photos = distinct_photographs(train_photos, args.distinct)
