@@ -3,7 +3,8 @@ budget, then copy detection on sets cut from photographs of other sources: the b
 the trained one, same index type, same queries, same run.
 
 Method:
-- training images: benchmarks/photos.py's "train" group (Debian wallpaper and artwork packages),
+- training images: benchmarks/photos.py's "train" group (Debian wallpaper and artwork packages;
+  `--photos train-wide` adds gcompris-qt-data's photographs of monuments, animals and paintings),
   less the --holdout packages, cut into --train-crops separated crops per photograph (at most 10% of the smaller crop shared
   by two crops, sides 6-30% of the photograph's), written as JPEGs: each crop is one training
   image, whose views are its positives and every other crop a negative. Near-copies among the
