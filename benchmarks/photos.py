@@ -91,11 +91,11 @@ def qt_resources(path: str):
             count, first = struct.unpack(">ii", buf[at + 6:at + 14])
             stack.extend((first + c, name) for c in range(count))
             continue
+        if flags & 4:
+            continue
         start = data + struct.unpack(">i", buf[at + 10:at + 14])[0]
         size = struct.unpack(">I", buf[start:start + 4])[0]
         blob = buf[start + 4:start + 4 + size]
-        if flags & 4:
-            continue
         yield name, zlib.decompress(blob[4:]) if flags & 1 else blob
 
 
