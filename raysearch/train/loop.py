@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from raysearch.train.config import TrainConfig
-from raysearch.train.model import InitModel, build_descriptor_net, set_projection
+from raysearch.train.model import InitModel, InputNormalizer, build_descriptor_net, set_projection
 from raysearch.train.objectives import TERMS, objective_loss
 from raysearch.train.views import ViewConfig, make_views, mix_views
 
@@ -263,8 +263,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     use_cuda = device.type == "cuda"
     bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and use_cuda)
-    mean = torch.tensor(s.init.mean, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(s.init.std, device=device).view(1, 3, 1, 1)
+    normalise = InputNormalizer(s.init.mean, s.init.std, device)
     shard = ray.train.get_dataset_shard("train")
     buffer = cfg.shuffle_buffer if cfg.shuffle_buffer is not None else 4 * cfg.batch_size
     log_every = max(1, s.steps_per_epoch // 10)
@@ -322,8 +321,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                     # No usable image in this batch: take part in DDP's all-reduce with zero gradients.
                     x = torch.zeros(2, 3, s.input_size, s.input_size, device=device)
                 else:
-                    x = torch.from_numpy(item.pixels).to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255.0)
-                    x = (x - mean) / std
+                    x = normalise(item.pixels)
                 if cfg.channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
                 with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):

@@ -53,6 +53,21 @@ def backbone_blocks(trunk: nn.Module) -> list[nn.Module]:
     return [trunk]
 
 
+class InputNormalizer:
+    """View pixels, uint8 (B, S, S, 3), -> the network's input on `device`: (B, 3, S, S) float in
+    [0, 1], normalised with the init model's mean and std. The training loop and the projection's
+    fit both feed the network through it, so the fit sees exactly what training sees."""
+
+    def __init__(self, mean, std, device) -> None:
+        self.device = device
+        self.mean = torch.tensor(mean, device=device).view(1, 3, 1, 1)
+        self.std = torch.tensor(std, device=device).view(1, 3, 1, 1)
+
+    def __call__(self, pixels) -> torch.Tensor:
+        x = torch.from_numpy(pixels).to(self.device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255.0)
+        return (x - self.mean) / self.std
+
+
 class L2Normalize(nn.Module):
     """Rows scaled to unit length (the input of a whitened projection, fitted on unit descriptors)."""
 

@@ -102,11 +102,11 @@ def view_features(batches, net, mean: tuple, std: tuple, view_config, views: int
     as for training, unmixed."""
     import torch
 
+    from raysearch.train.model import InputNormalizer
     from raysearch.train.views import make_views
 
     config = dataclasses.replace(view_config, n_views=views, mixup_prob=0.0, cutmix_prob=0.0)
-    mean_t = torch.tensor(mean, device=device).view(1, 3, 1, 1)
-    std_t = torch.tensor(std, device=device).view(1, 3, 1, 1)
+    normalise = InputNormalizer(mean, std, device)
     out: list[np.ndarray] = []
     n = 0
     net = net.to(device).eval()
@@ -118,8 +118,7 @@ def view_features(batches, net, mean: tuple, std: tuple, view_config, views: int
                        [str(rows["image_id"][i]) for i in good], config, seed, 0)
         with torch.no_grad():
             for start in range(0, len(v.pixels), batch):
-                x = torch.from_numpy(v.pixels[start:start + batch]).to(device).permute(0, 3, 1, 2).float().div_(255.0)
-                out.append(net((x - mean_t) / std_t).float().cpu().numpy())
+                out.append(net(normalise(v.pixels[start:start + batch])).float().cpu().numpy())
         n += len(good)
         if n >= max_images:
             break
