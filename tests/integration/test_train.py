@@ -383,3 +383,74 @@ def test_zero_epochs_exports_the_starting_network_with_its_fitted_projection(ray
         y = base(x).numpy() @ fit.weight.T + fit.bias
         got = torch.jit.load(os.path.join(out, m["torchscript"]))(x).numpy()
     np.testing.assert_allclose(got, y / np.linalg.norm(y, axis=1, keepdims=True), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_model_directory_builds_searches_serves_and_activates(trained, photo_folder, ray_local, tmp_path):
+    """`--model MODEL_DIR` end to end: the index records the trained model, search and the service
+    embed their queries with its TorchScript file, and activation optimises images through it."""
+    import httpx
+    from ray import serve
+
+    from raysearch.activate.optimize import ActivateConfig
+    from raysearch.activate.pipeline import ActivatePipelineConfig, activate_source, read_report
+    from raysearch.builder import build
+    from raysearch.embed import EmbedConfig
+    from raysearch.index.build import IndexConfig
+    from raysearch.index.store import IndexStore
+    from raysearch.models.embedder import preprocess_image
+    from raysearch.search import Searcher
+    from raysearch.serve.app import service_url, start_service
+    from raysearch.serve.config import ServeConfig
+    from tests.integration.test_serve import _free_port
+
+    model_dir = trained.model_dir
+    index = str(tmp_path / "index")
+    build(photo_folder, index, EmbedConfig(model=ModelConfig(name=model_dir), progress=False),
+          IndexConfig(factory="IVF2,PQ8x4"))
+    spec = resolve_model(ModelConfig(name=model_dir))
+    recorded = IndexStore(index).manifest["model"]
+    assert recorded["name"] == "trained:" + model_dir and recorded["dim"] == 32
+    assert recorded["weights_sha256"] == trained.model["torchscript_sha256"]
+
+    # search: what the trained TorchScript computes for each query, searched as vectors.
+    images = sorted(os.path.join(d, f) for d, _, files in os.walk(photo_folder) for f in files)
+    queries = images[::10]
+    pixels = np.stack([preprocess_image(open(p, "rb").read(), spec) for p in queries])
+    x = torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 255.0
+    x = (x - torch.tensor(spec.mean).view(1, 3, 1, 1)) / torch.tensor(spec.std).view(1, 3, 1, 1)
+    with torch.no_grad():
+        xq = torch.jit.load(spec.weights)(x).numpy()
+    searcher = Searcher(index)
+    by_image, problems = searcher.search_images(queries, k=3)
+    by_vector = searcher.search(xq, k=3)
+    assert problems == [None] * len(queries)
+    np.testing.assert_array_equal(by_image.ids, by_vector.ids)
+    np.testing.assert_allclose(by_image.scores, by_vector.scores, atol=1e-4)
+    _, uris = searcher.lookup(by_image)
+
+    # serve: the service answers image queries as search does.
+    config = ServeConfig(index, host="127.0.0.1", port=_free_port(), app_name="raysearch-train-test",
+                         ingress_cpus=0.1, embedder_cpus=0.4, embedder_gpus=0, shard_cpus=0.1, access_log=False)
+    start_service(config)
+    try:
+        files = [("images", (os.path.basename(p), open(p, "rb").read(), "image/jpeg")) for p in queries]
+        answer = httpx.post(service_url(config) + "/search", files=files, data={"k": "3"}, timeout=120)
+        assert answer.status_code == 200, answer.text
+        for q, hits in enumerate(answer.json()["results"]):
+            assert [h["uri"] for h in hits] == list(uris[q])
+            np.testing.assert_allclose([h["score"] for h in hits], by_image.scores[q], atol=1e-4)
+    finally:
+        serve.shutdown()
+
+    # activate: two indexed images optimised through the trained model come closer to their codes.
+    listing = tmp_path / "activate.csv"
+    chosen = images[:2]
+    listing.write_text("path,id\n" + "".join(f"{p},{os.path.relpath(p, photo_folder)[:-4]}\n" for p in chosen))
+    activated = str(tmp_path / "activated")
+    summary = activate_source(index, str(listing), activated, ActivatePipelineConfig(
+        activate=ActivateConfig(iterations=5), batch_size=2, chunk_rows=2, progress=False))
+    assert (summary.n_images, summary.n_activated, summary.n_errors) == (2, 2, 0)
+    for r in read_report(activated).to_pylist():
+        assert r["dist_after"] < r["dist_before"]
+
