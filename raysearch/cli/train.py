@@ -100,7 +100,7 @@ def train_cmd(
         workers=workers, use_gpu=gpu, cpus_per_worker=cpus_per_worker, threads=threads, checkpoint_every=checkpoint_every,
         precision=precision, max_failures=max_failures,
     )
-    ensure_ray(address)
+    ensure_ray(address, training=True)
     result = train(source, out, config, overwrite=overwrite, progress=progress)
     m = result.model
     t = m["training"]

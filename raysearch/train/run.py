@@ -251,6 +251,10 @@ def _run_trainer(out: str, settings: LoopSettings, dataset, cpus: float):
             failure_config=ray.train.FailureConfig(max_failures=config.max_failures),
             # Ray Train copies worker prints into its own log as well; once on the console is enough.
             worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}},
+            # Ray Train's own progress lines (resources, reports, checkpoints) only with -v:
+            # raysearch's lines say the same per epoch.
+            logging_config=ray.train.LoggingConfig(
+                log_level="INFO" if log.isEnabledFor(logging.INFO) else "WARNING"),
         ),
         datasets={"train": dataset},
     )

@@ -305,6 +305,12 @@ def test_labelled_objectives_train_on_labels_and_on_views(ray_local, train_image
     assert np.abs(fit.weight).max() > 10 * bound
 
 
+# Ray's Python-level lines in a training job (its C++ core's lines are Ray's to tune).
+RAY_TRAIN_NOISE = ("PlacementGroupCleaner", "Requesting resources", "worker group", "Reporting training result",
+                   "SplitCoordinator", "Progress bars disabled", "exclude_resources", "Checkpoint successfully created",
+                   "DistributedDataParallel")
+
+
 def _cli(*args: str) -> list[str]:
     # The train command on the shared Typer app, without importing the other commands.
     return [sys.executable, "-c", "from raysearch.cli.common import app; import raysearch.cli.train; app()", "train", *args]
@@ -336,6 +342,11 @@ def test_killed_run_resumes_from_its_last_checkpoint(ray_local, train_images, ti
     assert not os.path.exists(os.path.join(out, "model.json"))
     done = subprocess.run(args, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
+    said = done.stdout + done.stderr
+    assert "trained on" in done.stdout and "finished" in done.stdout, said[-2000:]
+    # Ray's own lines stay off the console, on a cluster without the dashboard too (whose absence
+    # made Ray Train's placement-group cleaner warn once a second).
+    assert not [line for line in said.splitlines() if any(n in line for n in RAY_TRAIN_NOISE)], said[-3000:]
     m = json.load(open(os.path.join(out, "model.json")))
     starts = m["training"]["starts"]
     # Continued, not restarted (a third start would be Ray Train recovering from a worker failure).
