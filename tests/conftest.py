@@ -91,3 +91,33 @@ def photo_folder(tmp_path_factory, photos) -> str:
         sub.mkdir(exist_ok=True)
         Image.fromarray(arr).save(sub / f"img{i:03d}.jpg", quality=92)
     return str(root)
+
+
+@pytest.fixture(scope="session")
+def photo_embeddings(tmp_path_factory, photo_folder, ray_local) -> str:
+    """photo_folder embedded once, with the default model, by the Ray pipeline."""
+    from raysearch.embed import EmbedConfig, embed_source
+
+    out = str(tmp_path_factory.mktemp("photo-embeddings") / "embeddings")
+    embed_source(photo_folder, out, EmbedConfig(progress=False))
+    return out
+
+
+@pytest.fixture(scope="session")
+def build_photo_index(photo_folder, photo_embeddings):
+    """`build(photo_folder, out, default model, index_config)` that resumes from
+    photo_embeddings: a build whose embedding step finished (copied in) goes on to the index. The
+    modules that test what is done with an index use it, so the 40 photographs are embedded once
+    a session instead of once a module; test_build_search and the CLI tests run whole builds."""
+    import shutil
+
+    from raysearch.builder import EMBEDDINGS_SUBDIR, build
+    from raysearch.embed import EmbedConfig
+
+    def run(out: str, index_config):
+        shutil.copytree(photo_embeddings, os.path.join(out, EMBEDDINGS_SUBDIR))
+        result = build(photo_folder, out, EmbedConfig(progress=False), index_config)
+        assert result.embed.n_embedded == 40 and result.embed.n_skipped == 40   # resumed, not embedded again
+        return result
+
+    return run

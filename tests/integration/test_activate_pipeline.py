@@ -12,9 +12,7 @@ from typer.testing import CliRunner
 
 from raysearch.activate.optimize import ActivateConfig
 from raysearch.activate.pipeline import ActivatePipelineConfig, activate_source, read_report
-from raysearch.builder import build
 from raysearch.cli import app
-from raysearch.embed import EmbedConfig
 from raysearch.formats.embeddings import list_parts, read_errors
 from raysearch.index.build import IndexConfig
 
@@ -22,9 +20,9 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def pq_index(tmp_path_factory, photo_folder, ray_local) -> str:
+def pq_index(tmp_path_factory, build_photo_index) -> str:
     out = str(tmp_path_factory.mktemp("act") / "index")
-    build(photo_folder, out, EmbedConfig(progress=False), IndexConfig(factory="IVF2,PQ8x4"))
+    build_photo_index(out, IndexConfig(factory="IVF2,PQ8x4"))
     return out
 
 
@@ -70,10 +68,10 @@ def test_activation_writes_images_and_report_and_resumes(pq_index, to_activate, 
     assert sorted(r["image_id"] for r in read_report(out).to_pylist()) == sorted(x["image_id"] for x in report)
 
 
-def test_activate_cli_and_its_refusals(pq_index, photo_folder, tmp_path, to_activate):
+def test_activate_cli_and_its_refusals(pq_index, build_photo_index, tmp_path, to_activate):
     runner = CliRunner()
     flat = str(tmp_path / "flat")
-    build(photo_folder, flat, EmbedConfig(progress=False), IndexConfig(factory="Flat"))
+    build_photo_index(flat, IndexConfig(factory="Flat"))
     res = runner.invoke(app, ["activate", flat, to_activate, "--out", str(tmp_path / "o1"), "--no-progress"])
     assert res.exit_code == 2 and "stores vectors exactly" in res.output
     res = runner.invoke(app, ["activate", pq_index, to_activate, "--out", str(tmp_path / "o2"), "--no-progress",

@@ -55,9 +55,9 @@ COPIED = [0, 3, 5, 6, 14, 18]
 
 
 @pytest.fixture(scope="module")
-def index_dir(tmp_path_factory, photo_folder, ray_local) -> str:
+def index_dir(tmp_path_factory, build_photo_index) -> str:
     out = str(tmp_path_factory.mktemp("rerank") / "index")
-    build(photo_folder, out, EmbedConfig(progress=False), IndexConfig(shards=2))
+    build_photo_index(out, IndexConfig(shards=2))
     return out
 
 

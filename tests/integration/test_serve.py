@@ -20,9 +20,7 @@ import yaml
 from PIL import Image
 from typer.testing import CliRunner
 
-from raysearch.builder import build
 from raysearch.cli import app as cli_app
-from raysearch.embed import EmbedConfig
 from raysearch.index.build import IndexConfig
 from raysearch.index.store import IndexStore
 from raysearch.search import Searcher
@@ -49,9 +47,9 @@ def _images(folder: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def index_dir(tmp_path_factory, photo_folder, ray_local) -> str:
+def index_dir(tmp_path_factory, build_photo_index) -> str:
     out = str(tmp_path_factory.mktemp("serve") / "index")
-    build(photo_folder, out, EmbedConfig(progress=False), IndexConfig(shards=3))
+    build_photo_index(out, IndexConfig(shards=3))
     assert len(IndexStore(out).shards) == 3
     return out
 

@@ -15,8 +15,6 @@ import pytest
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
-from raysearch.builder import build
-from raysearch.embed import EmbedConfig
 from raysearch.index.build import IndexConfig
 from raysearch.pages.browser import chromium_path, run_chromium
 from raysearch.serve.config import ServeConfig
@@ -51,9 +49,9 @@ def _keep_screenshot(path: str, name: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def index_dir(tmp_path_factory, photo_folder, ray_local) -> str:
+def index_dir(tmp_path_factory, build_photo_index) -> str:
     out = str(tmp_path_factory.mktemp("serve-pages") / "index")
-    build(photo_folder, out, EmbedConfig(progress=False), IndexConfig(shards=2))
+    build_photo_index(out, IndexConfig(shards=2))
     return out
 
 
