@@ -43,14 +43,28 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None, training
     env = {k: v for k, v in os.environ.items() if k.startswith(("AWS_", "FSSPEC_", "RAYSEARCH_"))}
     if env:
         kwargs["runtime_env"] = {"env_vars": env}
-    if training and not verbose:
-        kwargs.setdefault("runtime_env", {})["worker_process_setup_hook"] = f"{__name__}.quiet_training_worker"
+    hook = training_setup_hook(training, verbose, os.environ)
+    if hook:
+        kwargs.setdefault("runtime_env", {})["worker_process_setup_hook"] = hook
     # Ray installs a native handler of fatal signals that also takes SIGTERM (it prints a stack and
     # aborts); a handler the program set up itself (the CLI's: stop cleanly) is put back.
     own = signal.getsignal(signal.SIGTERM) if threading.current_thread() is threading.main_thread() else None
     ray.init(address=address, **kwargs)
     if callable(own):
         signal.signal(signal.SIGTERM, own)
+
+
+# Set in a driver whose job was submitted with a worker setup hook of its own (ray job submit
+# --runtime-env-json); Ray refuses a second hook for the job.
+RAY_SETUP_HOOK_ENV = "__RAY_WORKER_PROCESS_SETUP_HOOK_ENV_VAR"
+
+
+def training_setup_hook(training: bool, verbose: bool, environ) -> str | None:
+    """The worker setup hook `ensure_ray` gives a job: `quiet_training_worker` for a training job
+    that does not log verbosely, unless the job already has a hook of its own; else None."""
+    if not training or verbose or environ.get(RAY_SETUP_HOOK_ENV):
+        return None
+    return f"{__name__}.quiet_training_worker"
 
 
 def quiet_training_worker() -> None:
