@@ -18,6 +18,12 @@ from dataclasses import dataclass
 log = logging.getLogger("raysearch")
 
 
+def verbose_logging() -> bool:
+    """Whether raysearch logs verbosely (`-v`: its INFO lines on): then Ray's, Ray Data's, Ray
+    Train's and Ray Serve's own progress lines are shown too."""
+    return log.isEnabledFor(logging.INFO)
+
+
 def ensure_ray(address: str | None = None, num_cpus: int | None = None, training: bool = False) -> None:
     """Initialise Ray once per process. `address`: 'auto', 'ray://...' or host:port; None means
     RAY_ADDRESS if set, else start a local cluster. `training`: the job runs Ray Train, whose
@@ -27,7 +33,7 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None, training
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS") or None
-    verbose = logging.getLogger("raysearch").isEnabledFor(logging.INFO)
+    verbose = verbose_logging()
     kwargs: dict = {
         "include_dashboard": False,
         "configure_logging": True,
@@ -181,7 +187,7 @@ def configure_data_context(progress: bool = True) -> None:
     own (raysearch draws one bar per step, `raysearch.progress`), unless logging is verbose."""
     import ray.data
 
-    verbose = logging.getLogger("raysearch").isEnabledFor(logging.INFO)
+    verbose = verbose_logging()
     if not verbose:
         # Ray Data logs every execution at INFO; keep the terminal for progress bars and results.
         logging.getLogger("ray.data").setLevel(logging.ERROR)

@@ -252,7 +252,9 @@ def serve_logging() -> dict:
     """Serve's logging for a raysearch service: its INFO lines (replicas starting and stopping,
     one access line per request) only when raysearch logs verbosely (-v); warnings and errors
     always. Access logs stay in the session's logs/serve folder either way."""
-    verbose = logging.getLogger("raysearch").isEnabledFor(logging.INFO)
+    from raysearch.runtime import verbose_logging
+
+    verbose = verbose_logging()
     if not verbose:
         logging.getLogger("ray.serve").setLevel(logging.WARNING)
     return {"log_level": "INFO" if verbose else "WARNING", "enable_access_log": verbose}

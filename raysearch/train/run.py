@@ -237,6 +237,8 @@ def _run_trainer(out: str, settings: LoopSettings, dataset, cpus: float):
     import ray.train
     from ray.train.torch import TorchTrainer
 
+    from raysearch.runtime import verbose_logging
+
     config = settings.config
     resources = {"CPU": cpus, **({"GPU": 1.0} if settings.use_gpu else {})}
     storage_path, storage_fs = _storage_for_ray(out)
@@ -254,7 +256,7 @@ def _run_trainer(out: str, settings: LoopSettings, dataset, cpus: float):
             # Ray Train's own progress lines (resources, reports, checkpoints) only with -v:
             # raysearch's lines say the same per epoch.
             logging_config=ray.train.LoggingConfig(
-                log_level="INFO" if log.isEnabledFor(logging.INFO) else "WARNING"),
+                log_level="INFO" if verbose_logging() else "WARNING"),
         ),
         datasets={"train": dataset},
     )
