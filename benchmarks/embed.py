@@ -25,8 +25,10 @@ within each repeat (baseline and candidates alternate), medians:
   cold         `embed_source` in a fresh process, `ray.init` included (a first `raysearch build`)
   before       `embed_source` with RAYSEARCH_EMBED_FAST=0's settings: the pipeline before the fast
                settings (fixed stage sizing, no batch-norm folding, batch 32), Ray running
-Also: the pipeline's vectors against the float32 NCHW reference (min cosine), and the machine's
-1-minute load average during each measurement (the machine may be shared).
+Also: the pipeline's vectors against the float32 NCHW reference (min cosine), the machine's
+1-minute load average during each measurement (the machine may be shared), and where the
+`pipeline` runs' CPU time went (with psutil installed): the model actors, the decode tasks, the
+part writer, the driver, every other process, and idle, as shares of one core and CPU ms/image.
 
 Usage:
   python benchmarks/embed.py [--small 2000] [--large 300] [--repeats 3] [--threads 2] [--batch-size N]
@@ -273,13 +275,76 @@ print(json.dumps({"seconds": time.perf_counter() - start, "n": s.n_embedded}))
 """
 
 
-def pipeline(folder: str, work: str, batch_size: int | None, fast: bool) -> dict:
+class CpuShares:
+    """CPU seconds each part of the pipeline used while the `with` block ran, from every process's
+    CPU time (psutil) sampled every `interval` s: a sample's growth is charged to the role its
+    process title then names (Ray titles a worker by the stage it runs), this process is the
+    driver, and every other process (Ray's own, other programs) is "other". What the CPUs had left
+    is "idle". A process that ends loses its last interval at most."""
+
+    ROLES = (("model actors", "MapBatches(EmbedStage)"), ("decode tasks", "MapBatches(load_and_decode)"),
+             ("part writer", "MapBatches(PartWriter)"))
+
+    def __init__(self, cpus: int, interval: float = 0.5):
+        import psutil
+
+        self.psutil, self.cpus, self.interval = psutil, cpus, interval
+        self.seconds: dict[str, float] = {}
+        self.wall = 0.0
+
+    def _sample(self) -> dict[int, tuple[str, float]]:
+        out = {}
+        for proc in self.psutil.process_iter(["cmdline", "cpu_times"]):
+            times, cmd = proc.info["cpu_times"], " ".join(proc.info["cmdline"] or [])
+            if times is None:
+                continue
+            role = "driver" if proc.pid == os.getpid() else next((r for r, key in self.ROLES if key in cmd), "other")
+            out[proc.pid] = (role, times.user + times.system)
+        return out
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._charge(self._sample())
+
+    def _charge(self, now: dict[int, tuple[str, float]]) -> None:
+        for pid, (role, cpu) in now.items():
+            self.seconds[role] = self.seconds.get(role, 0.0) + cpu - self._last.get(pid, 0.0)
+            self._last[pid] = cpu
+
+    def __enter__(self) -> "CpuShares":
+        import threading
+
+        self._last = {pid: cpu for pid, (_, cpu) in self._sample().items()}
+        self._stop, self._start = threading.Event(), time.perf_counter()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._charge(self._sample())
+        self.wall = time.perf_counter() - self._start
+        self.seconds["idle"] = max(0.0, self.cpus * self.wall - sum(self.seconds.values()))
+
+
+def pipeline(folder: str, work: str, batch_size: int | None, fast: bool, cpus: int) -> dict:
+    from contextlib import nullcontext
+
     from raysearch.embed import EmbedConfig, embed_source
 
     shutil.rmtree(work, ignore_errors=True)
+    try:
+        shares = CpuShares(cpus)
+    except ImportError:   # psutil is optional: the rates are measured without it
+        shares = None
     start = time.perf_counter()
-    s = embed_source(folder, work, EmbedConfig(batch_size=batch_size, progress=False, fast=fast))
-    return {"seconds": time.perf_counter() - start, "n": s.n_embedded}
+    with shares or nullcontext():
+        s = embed_source(folder, work, EmbedConfig(batch_size=batch_size, progress=False, fast=fast))
+    out = {"seconds": time.perf_counter() - start, "n": s.n_embedded}
+    if shares:
+        out["cpu_seconds"] = shares.seconds
+    return out
 
 
 def cold(folder: str, work: str, batch_size: int | None, cpus: int) -> dict:
@@ -527,13 +592,13 @@ def main() -> None:
                     record(kind, v, decode_only(paths, args.plain_seconds))
                 elif v in ("pipeline", "before"):
                     out = os.path.join(work, f"emb-{kind}-{v}")
-                    record(kind, v, pipeline(folder, out, args.batch_size, fast=v == "pipeline"))
+                    record(kind, v, pipeline(folder, out, args.batch_size, v == "pipeline", args.threads))
                     if v == "pipeline" and kind in references:
                         cosines[kind].append(min_cosine_to(references[kind], out))
                 elif v == "steady":
                     # The first quarter; its rate is combined with this repeat's pipeline run below.
                     out = os.path.join(work, f"emb-{kind}-quarter")
-                    record(kind, "quarter", pipeline(quarters[kind], out, args.batch_size, fast=True))
+                    record(kind, "quarter", pipeline(quarters[kind], out, args.batch_size, True, args.threads))
                 elif v == "cold":
                     record(kind, v, cold(folder, os.path.join(work, f"emb-{kind}-cold"), args.batch_size, args.threads))
 
@@ -582,6 +647,20 @@ def main() -> None:
             if name == "steady":
                 extra = f"  (fixed costs {statistics.median(x['fixed_seconds'] for x in runs[kind][name]):.1f} s a run)"
             print(f"  {name:12s} {rate:8.1f} img/s  {', '.join(ratios)}{extra}")
+        cpu_runs = [x for x in runs[kind].get("pipeline", []) if "cpu_seconds" in x]
+        if cpu_runs:
+            # Where the pipeline's CPU time went (medians over the repeats): each role's share of
+            # one core over the run, and CPU ms per image for the two stages.
+            roles = sorted({r for x in cpu_runs for r in x["cpu_seconds"]}, key=lambda r: -cpu_runs[0]["cpu_seconds"].get(r, 0))
+            parts = []
+            for role in roles:
+                share = statistics.median(x["cpu_seconds"].get(role, 0.0) / x["seconds"] for x in cpu_runs)
+                per_image = statistics.median(1e3 * x["cpu_seconds"].get(role, 0.0) / x["n"] for x in cpu_runs)
+                parts.append(f"{role} {share:.0%} of a core" + (f" ({per_image:.1f} ms/image)" if role in
+                                                                  ("model actors", "decode tasks") else ""))
+            print(f"  pipeline CPU: {', '.join(parts)}")
+            if ceiling:
+                print(f"  model-only ceiling: {1e3 * args.threads / ceiling:.1f} CPU ms/image over {args.threads} CPUs")
         if cosines[kind]:
             print(f"  pipeline vs float32 NCHW reference: min cosine {min(cosines[kind]):.7f}")
         summary["sets"][kind] = {"medians": med, "min_cosine": min(cosines[kind]) if cosines[kind] else None}
