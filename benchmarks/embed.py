@@ -28,7 +28,9 @@ within each repeat (baseline and candidates alternate), medians:
 Also: the pipeline's vectors against the float32 NCHW reference (min cosine), the machine's
 1-minute load average during each measurement (the machine may be shared), and where the
 `pipeline` runs' CPU time went (with psutil installed): the model actors, the decode tasks, the
-part writer, the driver, every other process, and idle, as shares of one core and CPU ms/image.
+part writer, the driver, every other process, and idle, as shares of one core and CPU ms/image;
+on CPUs, the most a pipeline can reach when decoding and the model share the same CPUs (decode
+CPU ms/image plus the ceiling's, every cycle busy).
 
 Usage:
   python benchmarks/embed.py [--small 2000] [--large 300] [--repeats 3] [--threads 2] [--batch-size N]
@@ -661,6 +663,12 @@ def main() -> None:
             print(f"  pipeline CPU: {', '.join(parts)}")
             if ceiling:
                 print(f"  model-only ceiling: {1e3 * args.threads / ceiling:.1f} CPU ms/image over {args.threads} CPUs")
+        if ceiling and not on_gpu and "decode" in med:
+            # Decoding and the model on the same CPUs: every cycle busy with one or the other.
+            decode_ms = statistics.median(x["cpu_ms_per_image"] for x in runs[kind]["decode"])
+            bound = 1e3 * args.threads / (decode_ms + 1e3 * args.threads / ceiling)
+            print(f"  decode + model sharing {args.threads} CPUs: at most {bound:.1f} img/s ({bound / ceiling:.2f}x model-only)")
+            summary.setdefault("shared_cpu_bound", {})[kind] = bound
         if cosines[kind]:
             print(f"  pipeline vs float32 NCHW reference: min cosine {min(cosines[kind]):.7f}")
         summary["sets"][kind] = {"medians": med, "min_cosine": min(cosines[kind]) if cosines[kind] else None}
