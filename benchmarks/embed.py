@@ -661,7 +661,7 @@ def main() -> None:
                 parts.append(f"{role} {share:.0%} of a core" + (f" ({per_image:.1f} ms/image)" if role in
                                                                   ("model actors", "decode tasks") else ""))
             print(f"  pipeline CPU: {', '.join(parts)}")
-            if ceiling:
+            if ceiling and not on_gpu:
                 print(f"  model-only ceiling: {1e3 * args.threads / ceiling:.1f} CPU ms/image over {args.threads} CPUs")
         if ceiling and not on_gpu and "decode" in med:
             # Decoding and the model on the same CPUs: every cycle busy with one or the other.
